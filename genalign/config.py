@@ -1,0 +1,279 @@
+"""The typed run config: YAML in, ``--set a.b=c`` overrides, one clear line per error.
+
+A run config has the sections of the data flow: ``pipeline`` (what model, LoRA or full fine-tune, reference
+strategy) → ``data`` (preference pairs, on-policy pairs, prompts) → ``objective`` (name + its own typed
+hyperparameters, validated by the objective's ``Config`` class) → ``rewards`` (scoring / training signals) →
+``train`` (the Accelerate loop) → ``validation`` → ``export``. Unknown keys, wrong types and out-of-range
+values raise :class:`ConfigError` with a single line naming the file, the key and the value.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message is one line: ``file: key: value: reason``."""
+
+
+class Strict(BaseModel):
+    """Base for every section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(Strict):
+    """LoRA through peft. Defaults follow the MaPO / diffusers DPO LoRA recipes (rank 8, alpha = rank)."""
+
+    rank: int = Field(8, ge=1, description="LoRA rank r")
+    alpha: float | None = Field(None, gt=0, description="lora_alpha; None = rank (scale 1)")
+    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    init: Literal["gaussian", "default"] = "gaussian"
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class PipelineConfig(Strict):
+    """Which generative model to align and how."""
+
+    name: str = Field("sd", description="pipeline adapter: sd | sdxl | a plug-in")
+    model: str = Field("builtin:digits", description="builtin:digits | tiny:sd | tiny:sdxl | local folder | hub id")
+    revision: str | None = None
+    vae: str | None = Field(None, description="replacement VAE folder / hub id, e.g. madebyollin/sdxl-vae-fp16-fix")
+    resolution: int | None = Field(None, ge=8, description="training resolution in pixels; None = the model's")
+    lora: LoraConfig | None = Field(default_factory=LoraConfig, description="null = full fine-tune")
+    reference: Literal["adapter_off", "frozen_copy"] = "adapter_off"
+    gradient_checkpointing: bool = False
+    attention: Literal["sdpa", "xformers"] = "sdpa"
+    trust_remote_code: bool = False
+
+
+class OnPolicyData(Strict):
+    """Self-generated pairs (MaPO's on-policy setting): k samples per prompt, best vs worst by a reward."""
+
+    kind: Literal["onpolicy"] = "onpolicy"
+    prompts: str = Field("digits:train", description="digits:train | parti | path to a .txt/.tsv/.jsonl prompt file")
+    samples_per_prompt: int = Field(4, ge=2)
+    rounds: int = Field(1, ge=1, description="how many times each prompt is drawn (fresh seeds each time)")
+    reward: str | None = Field(None, description="reward name used for ranking; None = first of `rewards`")
+    min_reward_gap: float = Field(0.0, ge=0, description="drop pairs whose best-worst reward gap is smaller")
+    num_inference_steps: int = Field(25, ge=1)
+    guidance_scale: float = Field(1.0, ge=0)
+
+
+class PreferenceData(Strict):
+    """Offline preference pairs: Pick-a-Pic v2 schema (parquet/arrow folder or hub id) or jsonl + images."""
+
+    kind: Literal["preference"] = "preference"
+    source: str = Field(..., description="folder (parquet/arrow/jsonl), a .jsonl file, or a `datasets` hub id")
+    split: str = "train"
+    ties: Literal["drop", "error"] = "drop"
+    max_pairs: int | None = Field(None, ge=1)
+    pair_augment: Literal["joint", "independent"] = "joint"
+    hflip: bool = True
+    random_crop: bool = False
+
+
+def _source_kind(v: Any) -> str:
+    """``kind`` of a data source; a mapping without ``kind`` is on-policy (the default)."""
+    if isinstance(v, dict):
+        return v.get("kind", "onpolicy")
+    return getattr(v, "kind", "onpolicy")
+
+
+class DataConfig(Strict):
+    """Where training examples come from; ``cache_latents`` encodes images/text once (a step runs the UNet only)."""
+
+    source: Annotated[Union[Annotated[OnPolicyData, Tag("onpolicy")], Annotated[PreferenceData, Tag("preference")]],
+                      Discriminator(_source_kind)] = Field(default_factory=OnPolicyData)
+    cache_latents: bool = True
+    num_workers: int = Field(0, ge=0)
+
+
+class RewardItem(Strict):
+    """One member of the composite reward."""
+
+    name: str
+    weight: float = 1.0
+    normalize: Literal["none", "zscore", "rank"] = "none"
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainConfig(Strict):
+    """The Accelerate loop."""
+
+    steps: int = Field(100, ge=0, description="optimizer steps")
+    batch_size: int = Field(8, ge=1, description="pairs (or samples) per device per micro-step")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    lr_scheduler: Literal["constant", "warmup", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    weight_decay: float = Field(1e-2, ge=0)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    use_8bit_adam: bool = False
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of trainable weights; None = off")
+    checkpoint_every: int = Field(0, ge=0, description="save_state every N steps; 0 = only at the end")
+    checkpoints_total_limit: int | None = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+    on_nan: Literal["halt", "skip"] = "halt"
+    trackers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
+
+
+class ValidationConfig(Strict):
+    """Sampling on held-out prompts with reward scoring (also gives summary.json's before/after)."""
+
+    prompts: str = Field("digits:heldout", description="digits:heldout | parti | prompt file path")
+    max_prompts: int | None = Field(None, ge=1)
+    samples_per_prompt: int = Field(4, ge=1)
+    every: int = Field(0, ge=0, description="validate every N steps; 0 = only before and after training")
+    num_inference_steps: int = Field(25, ge=1)
+    guidance_scale: float = Field(1.0, ge=0)
+    batch_size: int = Field(16, ge=1)
+    seed: int = 1234
+
+
+class ExportConfig(Strict):
+    """What is written to ``RUN_DIR/export`` at the end of training."""
+
+    enabled: bool = True
+    merge_lora: bool = True
+
+
+class ObjectiveConfig(BaseModel):
+    """``name`` plus the objective's own hyperparameters (validated by the registered objective's ``Config``)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "mapo"
+
+
+class RunConfig(Strict):
+    """A whole run. Load with :func:`load_config`."""
+
+    seed: int = 0
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    rewards: list[RewardItem] = Field(default_factory=lambda: [RewardItem(name="digit_classifier")])
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+    def objective_params(self):
+        """The objective's typed config object (its ``Config`` class instance)."""
+        from genalign.registry import objectives
+
+        cls = objectives.get(self.objective.name)
+        return cls.Config.model_validate(self.objective.model_extra or {})
+
+
+def _format_error(err: ValidationError, source: str, prefix: str = "") -> str:
+    e = err.errors()[0]
+    # Drop pydantic's tagged-union markers so the key reads like the YAML path.
+    loc = [str(p) for p in e["loc"] if str(p) not in ("onpolicy", "preference")]
+    key = ".".join(([prefix] if prefix else []) + loc) or "(root)"
+    value = e.get("input")
+    if isinstance(value, dict):
+        value = "{...}"
+    msg = e["msg"].replace("\n", " ")
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: {key}: {value!r}: {msg}{more}"
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"train.steps=50"`` → (["train", "steps"], 50); the value is parsed as YAML (numbers, bools, lists).
+
+    Raises:
+        ConfigError: no ``=`` in ``item``.
+    """
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key.sub=value")
+    key, _, value = item.partition("=")
+    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+
+
+def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
+    """Return a copy of ``raw`` with ``--set`` overrides applied (creating intermediate sections)."""
+    raw = copy.deepcopy(raw)
+    for item in overrides or []:
+        path, value = parse_override(item)
+        node = raw
+        for p in path[:-1]:
+            if p.isdigit() and isinstance(node, list):
+                node = node[int(p)]
+                continue
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        if path[-1].isdigit() and isinstance(node, list):
+            node[int(path[-1])] = value
+        else:
+            node[path[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, data: dict | None = None) -> RunConfig:
+    """Load and validate a run config.
+
+    Args:
+        path: YAML file (``None`` = all defaults: the digits quickstart).
+        overrides: ``["train.steps=50", "pipeline.lora.rank=4", ...]``.
+        data: a dict used instead of reading ``path`` (still reported as ``path`` in errors).
+
+    Returns:
+        the validated :class:`RunConfig`.
+
+    Raises:
+        ConfigError: missing/unparsable file, unknown key, wrong type, out-of-range value, unknown
+            objective/reward name — one line naming the file, the key and the value.
+    """
+    source = str(path) if path else "<defaults>"
+    if data is None and path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"{source}: config file not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{source}: not valid YAML: {str(err).splitlines()[0]}") from None
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(data).__name__}")
+    if overrides:
+        source += " (with --set " + " ".join(overrides) + ")"
+        data = apply_overrides(data, overrides)
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+    from genalign.registry import objectives, rewards
+
+    try:
+        obj_cls = objectives.get(cfg.objective.name)
+    except KeyError as err:
+        raise ConfigError(f"{source}: objective.name: {cfg.objective.name!r}: {err.args[0]}") from None
+    try:
+        params = obj_cls.Config.model_validate(cfg.objective.model_extra or {})
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source, prefix="objective")) from None
+    # Keep the validated, defaults-filled parameters so the saved config is fully resolved.
+    cfg.objective = ObjectiveConfig(name=cfg.objective.name, **params.model_dump())
+    for i, item in enumerate(cfg.rewards):
+        if item.name not in rewards:
+            raise ConfigError(f"{source}: rewards.{i}.name: {item.name!r}: unknown reward; known: {', '.join(rewards.names())}")
+    return cfg
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the fully resolved config as YAML (atomically: temp file then rename)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    tmp.replace(path)

@@ -1,0 +1,137 @@
+"""Export an aligned pipeline that loads in vanilla Diffusers.
+
+``OUT_DIR/`` holds a complete Diffusers pipeline folder (LoRA merged) loadable by
+``diffusers.DiffusionPipeline.from_pretrained(OUT_DIR)``, the LoRA alone as
+``OUT_DIR/pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(OUT_DIR)`` on the base model), and a
+``README.md`` model card (base model, objective, hyperparameters, data, reward before/after). Everything is written
+to ``OUT_DIR.tmp-*`` and renamed into place, so a failed export leaves nothing half-written.
+
+Merging goes through the vanilla path on purpose (a fresh base pipeline, ``load_lora_weights`` of the exported
+file, ``fuse_lora``, ``unload_lora_weights``), so the exported LoRA file is proven loadable by Diffusers itself.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The UNet's peft LoRA weights in Diffusers' key format (``convert_state_dict_to_diffusers``)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+def export_pipeline(model, cfg, out_dir: str | Path, summary: dict | None = None) -> Path:
+    """Write the export folder for a trained adapter (see module docstring).
+
+    Args:
+        model: the trained :class:`~genalign.pipelines.base.DiffusionAdapter`.
+        cfg: the run's :class:`~genalign.config.RunConfig` (for the base model id and the model card).
+        out_dir: destination folder (replaced atomically if it exists).
+        summary: optional training summary (reward before/after) for the model card.
+
+    Returns:
+        ``out_dir`` as a Path.
+
+    Raises:
+        OSError: disk full / permission errors; the temporary folder is removed and ``out_dir`` is untouched.
+    """
+    from genalign.pipelines.base import load_diffusers_pipeline
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    try:
+        unet = getattr(model, "_raw_unet", model.unet)
+        pipe_cls = type(model.pipe)
+        if cfg.pipeline.lora is not None:
+            lora = lora_state_dict(unet)
+            lora_dir = tmp / "_lora"
+            pipe_cls.save_lora_weights(str(lora_dir), unet_lora_layers=lora, safe_serialization=True)
+            base = load_diffusers_pipeline(cfg.pipeline.model, cfg.pipeline.revision)
+            if cfg.pipeline.vae:
+                from diffusers import AutoencoderKL
+
+                base.vae = AutoencoderKL.from_pretrained(cfg.pipeline.vae)
+            base.load_lora_weights(str(lora_dir))
+            base.fuse_lora()
+            base.unload_lora_weights()
+            base.save_pretrained(str(tmp))
+            shutil.move(str(lora_dir / LORA_FILE), str(tmp / LORA_FILE))
+            shutil.rmtree(lora_dir)
+        else:
+            model.pipe.unet = unet
+            model.pipe.save_pretrained(str(tmp))
+        (tmp / "README.md").write_text(model_card(cfg, summary))
+        (tmp / "genalign_config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        if out_dir.exists():
+            old = out_dir.with_name(out_dir.name + ".old")
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def model_card(cfg, summary: dict | None = None) -> str:
+    """A Markdown model card: base model, objective and hyperparameters, data, rewards before/after."""
+    obj = cfg.objective.model_dump()
+    lines = [
+        "---", "library_name: diffusers", "tags: [genalign, " + cfg.objective.name + "]", "---", "",
+        f"# {cfg.objective.name} on {cfg.pipeline.model}", "",
+        f"Aligned with [genalign](https://github.com/) objective **{cfg.objective.name}**.", "",
+        "## Load", "", "```python", "from diffusers import DiffusionPipeline",
+        "pipe = DiffusionPipeline.from_pretrained('<this folder>')  # LoRA already merged",
+        "# or the LoRA alone on the base model:",
+        f"# base = DiffusionPipeline.from_pretrained('{cfg.pipeline.model}'); base.load_lora_weights('<this folder>')",
+        "```", "", "## Training", "",
+        f"- base model: `{cfg.pipeline.model}`" + (f" (VAE `{cfg.pipeline.vae}`)" if cfg.pipeline.vae else ""),
+        f"- objective: `{cfg.objective.name}` with " + ", ".join(f"{k}={v}" for k, v in obj.items() if k != "name"),
+        f"- LoRA: {cfg.pipeline.lora.model_dump() if cfg.pipeline.lora else 'none (full fine-tune)'}",
+        f"- data: {cfg.data.source.model_dump()}",
+        f"- steps {cfg.train.steps}, batch {cfg.train.batch_size} x accumulation {cfg.train.gradient_accumulation_steps}, "
+        f"lr {cfg.train.learning_rate} ({cfg.train.lr_scheduler}), seed {cfg.seed}",
+    ]
+    if summary and summary.get("reward_before"):
+        lines += ["", f"## Reward on held-out prompts ({summary.get('heldout_prompts')})", "",
+                  "| reward | base | aligned |", "|---|---|---|"]
+        for k, v in summary["reward_before"].items():
+            lines.append(f"| {k} | {v:.4f} | {summary['reward_after'].get(k, float('nan')):.4f} |")
+    lines += ["", "Full resolved config: `genalign_config.yaml`.", ""]
+    return "\n".join(lines)
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest") -> Path:
+    """Re-export a run from one of its checkpoints (``genalign export RUN_DIR OUT_DIR``).
+
+    Raises:
+        FileNotFoundError: no complete checkpoint in ``RUN_DIR``.
+    """
+    from genalign.config import load_config
+    from genalign.registry import pipelines
+    from genalign.training.checkpoint import load_trainable, resolve_resume
+
+    run_dir = Path(run_dir)
+    ck = resolve_resume(run_dir, checkpoint)
+    if ck is None:
+        raise FileNotFoundError(f"{run_dir}: no complete checkpoint under checkpoints/ to export")
+    cfg = load_config(ck / "config.yaml")
+    model = pipelines.get(cfg.pipeline.name).from_config(cfg.pipeline)
+    load_trainable(model.unet, ck / "trainable.safetensors")
+    summary_file = run_dir / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.exists() else None
+    return export_pipeline(model, cfg, out_dir, summary)

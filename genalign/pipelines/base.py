@@ -1,0 +1,303 @@
+"""``DiffusionAdapter``: the few verbs objectives need, over a Diffusers text-to-image pipeline.
+
+An adapter owns the pipeline's components and keeps model-family details (SDXL's two encoders and
+micro-conditioning, prediction types) inside itself, so an objective reads the same for SD 1.5 and SDXL::
+
+    cond = model.encode_prompt(prompts)                 # dict of tensors, B rows
+    x_t = model.add_noise(x0, noise, t)
+    pred = model.predict(x_t, t, cond)                  # UNet output (epsilon / v)
+    target = model.target(x0, noise, t)                 # what pred regresses to
+
+Loading: ``builtin:digits`` (shipped), ``tiny:sd`` / ``tiny:sdxl`` (random tiny builders), a local Diffusers
+folder, or a hub id (needs network, or the files in the HF cache). LoRA through peft's diffusers integration
+(``unet.add_adapter``); the reference model is the same UNet with adapters disabled (default) or a frozen copy.
+
+Source: Diffusers ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` (encode_prompt, schedulers,
+``get_velocity``), peft ``LoraConfig``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from genalign.rewards.base import WeightsNotFoundError
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_model_path(model: str) -> str:
+    """``builtin:digits`` → the shipped folder; other strings are returned unchanged (folder or hub id)."""
+    if model == "builtin:digits":
+        from genalign.pipelines.digits import digits_base_path
+
+        return str(digits_base_path())
+    return model
+
+
+def load_diffusers_pipeline(model: str, revision: str | None = None, torch_dtype: torch.dtype | None = None,
+                            trust_remote_code: bool = False, **kwargs):
+    """``DiffusionPipeline.from_pretrained`` with a clear error when the model is unavailable offline.
+
+    Raises:
+        WeightsNotFoundError: not a local folder and not downloadable; the message says how to provide it.
+    """
+    from diffusers import DiffusionPipeline
+
+    if model.startswith("tiny:"):
+        from genalign.pipelines import tiny
+
+        builders = {"tiny:sd": tiny.tiny_sd_pipeline, "tiny:sd-v": lambda: tiny.tiny_sd_pipeline("v_prediction"),
+                    "tiny:sdxl": tiny.tiny_sdxl_pipeline}
+        if model not in builders:
+            raise ValueError(f"pipeline.model: unknown tiny model {model!r}; known: {', '.join(builders)}")
+        return builders[model]()
+    path = resolve_model_path(model)
+    try:
+        return DiffusionPipeline.from_pretrained(path, revision=revision, torch_dtype=torch_dtype,
+                                                 trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as err:
+        if os.path.isdir(path):
+            raise
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        raise WeightsNotFoundError(
+            f"pipeline.model: cannot load {model!r} ({type(err).__name__}: {str(err).splitlines()[0][:160]}). "
+            "Provide a local Diffusers folder (`pipeline.model: /path/to/model`, e.g. made with "
+            "`huggingface-cli download <id> --local-dir DIR` on a machine with network)"
+            + (", or unset HF_HUB_OFFLINE" if offline else ", or allow network access to the Hugging Face Hub")
+            + "."
+        ) from None
+
+
+def per_sample_mse(pred: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Per-sample squared error in fp32: ``(N, ...)`` → ``(N,)``, mean (official recipes) or sum over non-batch dims.
+
+    Both inputs are upcast *before* subtracting (methods README §5).
+    """
+    err = (pred.float() - target.float()).pow(2).flatten(1)
+    if reduction == "mean":
+        return err.mean(dim=1)
+    if reduction == "sum":
+        return err.sum(dim=1)
+    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
+def repeat_cond(cond: dict[str, Any], n: int) -> dict[str, Any]:
+    """Repeat every tensor of a conditioning dict ``n`` times along dim 0 (rows [c; c; ...]), recursively."""
+    out = {}
+    for k, v in cond.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.repeat(n, *([1] * (v.ndim - 1)))
+        elif isinstance(v, dict):
+            out[k] = repeat_cond(v, n)
+        else:
+            out[k] = v
+    return out
+
+
+def index_cond(cond: dict[str, Any], idx) -> dict[str, Any]:
+    """Select rows ``idx`` of every tensor in a (nested) conditioning dict."""
+    return {k: (v[idx] if isinstance(v, torch.Tensor) else index_cond(v, idx) if isinstance(v, dict) else v)
+            for k, v in cond.items()}
+
+
+def cond_to(cond: dict[str, Any], device, dtype=None) -> dict[str, Any]:
+    """Move a (nested) conditioning dict to ``device`` (floating tensors also to ``dtype`` when given)."""
+    out = {}
+    for k, v in cond.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.to(device=device, dtype=dtype if (dtype is not None and v.is_floating_point()) else v.dtype)
+        elif isinstance(v, dict):
+            out[k] = cond_to(v, device, dtype)
+        else:
+            out[k] = v
+    return out
+
+
+class DiffusionAdapter:
+    """Base adapter over a Diffusers text-to-image pipeline (subclasses: :class:`~genalign.pipelines.sd.SDAdapter`,
+    :class:`~genalign.pipelines.sdxl.SDXLAdapter`).
+
+    Args:
+        pipe: a loaded Diffusers pipeline (its ``unet`` is the trained network).
+        lora: a :class:`genalign.config.LoraConfig` or ``None`` for full fine-tuning.
+        reference: "adapter_off" (LoRA disabled) or "frozen_copy".
+        device, weight_dtype: where and in which dtype the frozen parts live (trainable LoRA params stay fp32).
+        gradient_checkpointing, attention: memory / speed options ("sdpa" default, "xformers" if installed).
+
+    Raises:
+        ValueError: ``reference="adapter_off"`` without LoRA (there is no adapter to switch off).
+        ImportError: ``attention="xformers"`` without xformers installed.
+    """
+
+    family = "base"
+
+    def __init__(self, pipe, lora=None, reference: str = "adapter_off", device: str | torch.device = "cpu",
+                 weight_dtype: torch.dtype = torch.float32, gradient_checkpointing: bool = False,
+                 attention: str = "sdpa", resolution: int | None = None):
+        from diffusers import DDPMScheduler
+
+        self.pipe = pipe
+        self.device = torch.device(device)
+        self.weight_dtype = weight_dtype
+        self.unet = pipe.unet
+        self.vae = pipe.vae
+        self.lora = lora
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.prediction_type = self.noise_scheduler.config.prediction_type
+        self.num_train_timesteps = int(self.noise_scheduler.config.num_train_timesteps)
+        vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.resolution = resolution or int(self.unet.config.sample_size) * vae_scale
+        pipe.set_progress_bar_config(disable=True)
+        for m in self.frozen_modules():
+            m.requires_grad_(False)
+            m.eval()
+        # The SD/SDXL VAE in fp16 produces NaNs: keep it fp32 unless a fp16-fix VAE is configured.
+        self.vae.to(self.device, dtype=torch.float32)
+        for m in self.frozen_modules():
+            if m is not self.vae:
+                m.to(self.device, dtype=weight_dtype)
+        if attention == "xformers":
+            try:
+                import xformers  # noqa: F401
+            except ImportError:
+                raise ImportError("pipeline.attention: 'xformers' asked for but not installed (pip install genalign[gpu])") from None
+            self.unet.enable_xformers_memory_efficient_attention()
+        self.ref_unet = None
+        if reference == "frozen_copy":
+            self.ref_unet = copy.deepcopy(self.unet).requires_grad_(False).eval().to(self.device, dtype=weight_dtype)
+        elif lora is None:
+            raise ValueError("pipeline.reference: 'adapter_off' needs LoRA (pipeline.lora); use 'frozen_copy' for "
+                             "full fine-tuning")
+        if lora is not None:
+            from peft import LoraConfig as PeftLoraConfig
+
+            self.unet.requires_grad_(False)
+            self.unet.to(self.device, dtype=weight_dtype)
+            self.unet.add_adapter(PeftLoraConfig(
+                r=lora.rank, lora_alpha=lora.alpha or lora.rank, init_lora_weights=lora.init if lora.init == "gaussian" else True,
+                target_modules=list(lora.target_modules), lora_dropout=lora.dropout,
+            ))
+            for p in self.unet.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
+        else:
+            self.unet.to(self.device, dtype=torch.float32).requires_grad_(True)
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.unet.train()
+
+    # -- construction ---------------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg, device="cpu", weight_dtype=torch.float32) -> "DiffusionAdapter":
+        """Build from a :class:`genalign.config.PipelineConfig` (loads the model, optional VAE override)."""
+        kwargs = {}
+        if cfg.vae:
+            from diffusers import AutoencoderKL
+
+            try:
+                kwargs["vae"] = AutoencoderKL.from_pretrained(cfg.vae)
+            except OSError as err:
+                raise WeightsNotFoundError(f"pipeline.vae: cannot load {cfg.vae!r}: {str(err).splitlines()[0][:160]}. "
+                                           "Provide a local folder or allow network access.") from None
+        pipe = load_diffusers_pipeline(cfg.model, cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs)
+        if "vae" in kwargs and cfg.model.startswith("tiny:"):
+            pipe.vae = kwargs["vae"]
+        return cls(pipe, lora=cfg.lora, reference=cfg.reference, device=device, weight_dtype=weight_dtype,
+                   gradient_checkpointing=cfg.gradient_checkpointing, attention=cfg.attention,
+                   resolution=cfg.resolution)
+
+    # -- verbs ------------------------------------------------------------------------------------------------
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        """Modules never trained (VAE, text encoders)."""
+        return [self.vae]
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """Parameters the optimizer updates (LoRA weights, or the whole UNet)."""
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    def encode_prompt(self, prompts: list[str]) -> dict[str, Any]:
+        """Text conditioning for ``B`` prompts, as a dict passed to :meth:`predict` (implemented per family)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images ``(B, 3, H, W)`` in [0, 1] → scaled latents ``(B, 4, H/f, W/f)`` (posterior sample · scaling_factor)."""
+        x = images.to(self.device, torch.float32) * 2 - 1
+        latents = self.vae.encode(x).latent_dist.sample(generator=generator)
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * self.vae.config.scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents → images ``(B, 3, H, W)`` in [0, 1] (differentiable)."""
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        x = self.vae.decode(latents.float() / self.vae.config.scaling_factor + shift).sample
+        return (x / 2 + 0.5).clamp(0, 1)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Forward process x_t = sqrt(ᾱ_t)·x0 + sqrt(1−ᾱ_t)·ε (``DDPMScheduler.add_noise``)."""
+        return self.noise_scheduler.add_noise(x0, noise, t)
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Regression target: ε for epsilon-prediction, v = sqrt(ᾱ)ε − sqrt(1−ᾱ)x0 for v-prediction.
+
+        Raises:
+            ValueError: an unsupported prediction type (e.g. "sample").
+        """
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "v_prediction":
+            return self.noise_scheduler.get_velocity(x0, noise, t)
+        raise ValueError(f"unsupported prediction_type {self.prediction_type!r} (epsilon or v_prediction)")
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, Any], unet=None) -> torch.Tensor:
+        """UNet output ``(N, 4, h, w)`` for noisy latents ``x_t`` at integer timesteps ``t`` ``(N,)``."""
+        unet = unet or self.unet
+        dtype = self.weight_dtype
+        extra = {k: v for k, v in cond.items() if k != "encoder_hidden_states"}
+        return unet(x_t.to(dtype), t, encoder_hidden_states=cond["encoder_hidden_states"].to(dtype), **extra).sample
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[Any]:
+        """Context yielding the reference network: the UNet with LoRA disabled, or the frozen copy (no grad)."""
+        with torch.no_grad():
+            if self.ref_unet is not None:
+                yield self.ref_unet
+                return
+            unet = getattr(self, "_raw_unet", self.unet)  # never the DDP wrapper (README §4)
+            unet.disable_adapters()
+            try:
+                yield unet
+            finally:
+                unet.enable_adapters()
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], num_inference_steps: int = 25, guidance_scale: float = 1.0,
+               generator: torch.Generator | None = None, batch_size: int = 16, **kwargs) -> torch.Tensor:
+        """Generate images ``(N, 3, H, W)`` in [0, 1] with the pipeline's own sampler (eval mode, no grad)."""
+        was_training = self.unet.training
+        self.unet.eval()
+        try:
+            out = []
+            for i in range(0, len(prompts), batch_size):
+                imgs = self.pipe(prompts[i:i + batch_size], num_inference_steps=num_inference_steps,
+                                 guidance_scale=guidance_scale, generator=generator, output_type="pt",
+                                 height=self.resolution, width=self.resolution, **kwargs).images
+                out.append(imgs.float().cpu())
+            return torch.cat(out)
+        finally:
+            self.unet.train(was_training)
+
+    def pair_extra_cond(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Per-example conditioning beyond text (SDXL micro-conditioning); none for SD."""
+        return {}
+
+    def save_unet(self, out_dir: str | Path) -> None:
+        """Save the trained UNet (full fine-tune) in Diffusers format."""
+        self.unet.save_pretrained(out_dir)

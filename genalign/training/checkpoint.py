@@ -1,0 +1,92 @@
+"""Atomic checkpoints on every rank, and finding the latest complete one.
+
+Layout: ``RUN_DIR/checkpoints/step_000050/`` holding Accelerate's ``save_state`` files (optimizer, RNG states,
+registered objects), ``trainable.safetensors`` (only the trained parameters: LoRA or the full UNet),
+``trainer_state.json``, ``config.yaml`` and a ``COMPLETE`` marker. It is written under ``.tmp-step_000050`` and
+renamed when complete, so a killed run never leaves a checkpoint that ``--resume latest`` would pick up half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+MARKER = "COMPLETE"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (half-written ``.tmp-*`` folders and unmarked ones skipped)."""
+    ck = Path(run_dir) / "checkpoints"
+    if not ck.is_dir():
+        return []
+    found = [p for p in ck.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / MARKER).exists()]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def resolve_resume(run_dir: str | Path, resume: str | None) -> Path | None:
+    """``None`` → None; ``"latest"`` → newest complete checkpoint or None; a path → that checkpoint.
+
+    Raises:
+        FileNotFoundError: an explicit path that is not a complete checkpoint.
+    """
+    if resume is None:
+        return None
+    if resume == "latest":
+        cks = list_checkpoints(run_dir)
+        return cks[-1] if cks else None
+    p = Path(resume)
+    if not (p / MARKER).exists():
+        raise FileNotFoundError(f"--resume {resume!r}: not a complete genalign checkpoint (no {MARKER} marker)")
+    return p
+
+
+def save_trainable(module: torch.nn.Module, path: str | Path) -> None:
+    """Save the parameters with ``requires_grad`` (by name) as safetensors."""
+    state = {n: p.detach().contiguous().cpu() for n, p in module.named_parameters() if p.requires_grad}
+    save_file(state, str(path))
+
+
+def load_trainable(module: torch.nn.Module, path: str | Path) -> None:
+    """Load parameters saved by :func:`save_trainable` into ``module`` in place.
+
+    Raises:
+        KeyError: the file's parameter names do not match the module's trainable parameters.
+    """
+    state = load_file(str(path))
+    params = dict(module.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    if set(state) != expected:
+        missing, unexpected = expected - set(state), set(state) - expected
+        raise KeyError(f"{path}: trainable parameters differ (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    with torch.no_grad():
+        for n, v in state.items():
+            params[n].copy_(v.to(params[n].dtype))
+
+
+def finalize_checkpoint(tmp_dir: Path, final_dir: Path, trainer_state: dict, config_yaml: str) -> None:
+    """Write state + config + marker into ``tmp_dir`` and rename it to ``final_dir`` (main process only)."""
+    (tmp_dir / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+    (tmp_dir / "config.yaml").write_text(config_yaml)
+    (tmp_dir / MARKER).write_text("ok\n")
+    if final_dir.exists():
+        shutil.rmtree(final_dir)
+    tmp_dir.rename(final_dir)
+
+
+def prune_checkpoints(run_dir: str | Path, limit: int | None) -> None:
+    """Keep only the ``limit`` newest complete checkpoints (and remove stale ``.tmp-*`` folders)."""
+    ck = Path(run_dir) / "checkpoints"
+    for stale in ck.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if limit is None:
+        return
+    for old in list_checkpoints(run_dir)[:-limit]:
+        shutil.rmtree(old, ignore_errors=True)

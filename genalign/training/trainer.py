@@ -1,0 +1,455 @@
+"""The one Accelerate loop every objective runs in.
+
+config → pipeline adapter → data (cached latents / text embeddings) → objective.loss → Accelerate backward,
+clipping, AdamW, LR schedule, EMA → checkpoints (atomic, every rank) → validation with rewards → export.
+
+Determinism and exact resume: batch indices and the noise/timestep generator of micro-step m are pure functions of
+(config seed, m, rank), so a resumed run sees exactly the batches and noise an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from genalign.config import RunConfig, save_config
+from genalign.training import checkpoint as ckpt
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A NaN/inf loss with ``train.on_nan: halt``; the message names the step and batch ids."""
+
+
+# -- data --------------------------------------------------------------------------------------------------
+class CachedPairs:
+    """Pairs as model inputs: latents ``(N, C, h, w)`` for chosen / rejected and text conditioning for N rows.
+
+    With ``cache_latents`` the VAE and text encoders run once here, so a training step runs the UNet only;
+    without it, images and prompts are kept and encoded per batch.
+    """
+
+    def __init__(self, model, pairs, cache: bool = True, batch_size: int = 32, encode_seed: int = 0):
+        self.model, self.pairs, self.cache = model, pairs, cache
+        self.n = len(pairs)
+        self.encode_seed = encode_seed
+        if cache:
+            g = torch.Generator(device="cpu").manual_seed(encode_seed)
+            lw, ll, conds = [], [], []
+            for i in range(0, self.n, batch_size):
+                sl = slice(i, i + batch_size)
+                lw.append(self._encode(pairs.chosen[sl], g).cpu())
+                ll.append(self._encode(pairs.rejected[sl], g).cpu())
+                conds.append(self._cond(list(range(i, min(i + batch_size, self.n)))))
+            self.latents_w, self.latents_l = torch.cat(lw), torch.cat(ll)
+            self.cond = {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+    def _encode(self, images, g):
+        # The VAE posterior sample needs a CPU generator for determinism on any device.
+        x = images.to(self.model.device) * 2 - 1
+        dist = self.model.vae.encode(x.float()).latent_dist
+        eps = torch.randn(dist.mean.shape, generator=g).to(dist.mean.device)
+        latents = dist.mean + dist.std * eps
+        shift = getattr(self.model.vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * self.model.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def _cond(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        cond = self.model.encode_prompt([self.pairs.prompts[i] for i in idx])
+        extra = self.model.pair_extra_cond({"original_sizes": self.pairs.original_sizes[idx],
+                                            "crop_top_lefts": self.pairs.crop_top_lefts[idx]})
+        cond.update(extra)
+        return {k: v.cpu() for k, v in cond.items()}
+
+    def batch(self, idx: torch.Tensor) -> dict[str, Any]:
+        """Model-ready batch for pair indices ``idx`` (on the model's device)."""
+        dev = self.model.device
+        if self.cache:
+            return {"latents_w": self.latents_w[idx].to(dev), "latents_l": self.latents_l[idx].to(dev),
+                    "cond": {k: v[idx].to(dev) for k, v in self.cond.items()}, "ids": idx.tolist()}
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(self.encode_seed + int(idx[0]))
+            return {"latents_w": self._encode(self.pairs.chosen[idx], g), "latents_l": self._encode(self.pairs.rejected[idx], g),
+                    "cond": {k: v.to(dev) for k, v in self._cond(idx.tolist()).items()}, "ids": idx.tolist()}
+
+
+def micro_batch_indices(n: int, micro_step: int, batch_size: int, rank: int, world: int, seed: int) -> torch.Tensor:
+    """Indices of this rank's rows for a global micro-step: an endless stream of seeded epoch permutations, cut
+    into global batches of ``batch_size × world`` rows; rank r takes the r-th slice. A pure function (exact resume)."""
+    gbs = batch_size * world
+    start = micro_step * gbs + rank * batch_size
+    out = []
+    while len(out) < batch_size:
+        epoch, pos = divmod(start + len(out), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        take = min(batch_size - len(out), n - pos)
+        out.extend(perm[pos:pos + take].tolist())
+    return torch.tensor(out)
+
+
+# -- rewards / validation ------------------------------------------------------------------------------------
+def build_rewards(items, device) -> dict[str, Any]:
+    """``{name: Reward}`` for the config's reward list (constructor kwargs from each item)."""
+    from genalign.rewards import get
+
+    out = {}
+    for it in items:
+        kwargs = dict(it.kwargs)
+        try:
+            out[it.name] = get(it.name, device=device, **kwargs)
+        except TypeError:
+            out[it.name] = get(it.name, **kwargs).to(device)
+    return out
+
+
+@torch.no_grad()
+def evaluate_rewards(model, rewards: dict, prompts: list[str], vcfg, accelerator=None) -> dict[str, float]:
+    """Mean reward per name over ``samples_per_prompt`` samples of each held-out prompt.
+
+    Sample i always uses seed ``vcfg.seed + i`` (independent of batch size and number of ranks), so before/after
+    figures compare the same noise. Work is sharded over ranks and gathered (every rank takes part).
+    """
+    expanded = [p for p in prompts for _ in range(vcfg.samples_per_prompt)]
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    mine = list(range(rank, len(expanded), world))
+    sums = torch.zeros(len(rewards) + 1, dtype=torch.float64)
+    for i in range(0, len(mine), vcfg.batch_size):
+        idx = mine[i:i + vcfg.batch_size]
+        gens = [torch.Generator().manual_seed(vcfg.seed + j) for j in idx]
+        imgs = model.sample([expanded[j] for j in idx], num_inference_steps=vcfg.num_inference_steps,
+                            guidance_scale=vcfg.guidance_scale, generator=gens, batch_size=len(idx))
+        for k, (name, r) in enumerate(rewards.items()):
+            sums[k] += r.score(imgs.to(model.device), [expanded[j] for j in idx]).double().sum().item()
+        sums[-1] += len(idx)
+    if accelerator is not None and world > 1:
+        sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
+    return {name: float(sums[k] / sums[-1]) for k, name in enumerate(rewards)}
+
+
+# -- the loop ------------------------------------------------------------------------------------------------
+class _StopFlag:
+    """Set by SIGTERM/SIGINT: the loop saves a checkpoint at the next step boundary and exits cleanly."""
+
+    def __init__(self):
+        self.stop = False
+
+    def __call__(self, signum, frame):
+        logger.warning("signal %s received: checkpointing at the next step boundary", signum)
+        self.stop = True
+
+
+def _make_optimizer(params, tcfg):
+    if tcfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ImportError("train.use_8bit_adam: needs bitsandbytes (pip install genalign[gpu])") from None
+        cls = bnb.optim.AdamW8bit
+    else:
+        cls = torch.optim.AdamW
+    return cls(params, lr=tcfg.learning_rate, betas=(tcfg.adam_beta1, tcfg.adam_beta2),
+               weight_decay=tcfg.weight_decay, eps=tcfg.adam_epsilon)
+
+
+def _lr_lambda(tcfg):
+    def f(step: int) -> float:
+        warm = min(1.0, (step + 1) / tcfg.warmup_steps) if tcfg.warmup_steps else 1.0
+        if tcfg.lr_scheduler == "cosine":
+            prog = min(1.0, max(0, step - tcfg.warmup_steps) / max(1, tcfg.steps - tcfg.warmup_steps))
+            return warm * 0.5 * (1 + math.cos(math.pi * prog))
+        return warm if tcfg.lr_scheduler == "warmup" else 1.0
+    return f
+
+
+def train(cfg: RunConfig, run_dir: str | Path, resume: str | None = None, progress: bool = True) -> dict:
+    """Run a whole training job and return the summary (also written to ``RUN_DIR/summary.json``).
+
+    Args:
+        cfg: a validated run config (:func:`genalign.config.load_config`).
+        run_dir: output folder (created). Holds config.yaml, checkpoints/, export/, logs/, summary.json.
+        resume: None, "latest" or a checkpoint path.
+
+    Raises:
+        NonFiniteLossError: a NaN/inf loss with ``train.on_nan: halt``.
+        genalign.rewards.WeightsNotFoundError: a model or reward checkpoint is unavailable.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from rich.console import Console
+    from tqdm.auto import tqdm
+
+    from genalign.registry import objectives, pipelines
+
+    t_start = time.time()
+    run_dir = Path(run_dir)
+    tcfg = cfg.train
+    trackers = [t for t in tcfg.trackers if _tracker_available(t)]
+    mp = tcfg.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    acc = Accelerator(gradient_accumulation_steps=tcfg.gradient_accumulation_steps, mixed_precision=mp,
+                      log_with=trackers or None,
+                      project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")))
+    set_seed(cfg.seed)
+    console = Console()
+    if acc.is_main_process:
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        logging.basicConfig(level=logging.INFO, handlers=[logging.FileHandler(run_dir / "logs" / "train.log")], force=True)
+    acc.wait_for_everyone()
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp, torch.float32)
+
+    model = pipelines.get(cfg.pipeline.name).from_config(cfg.pipeline, device=acc.device, weight_dtype=weight_dtype)
+    objective = objectives.get(cfg.objective.name)(cfg.objective_params(), model)
+    rewards = build_rewards(cfg.rewards, acc.device)
+    from genalign.data.prompts import load_prompts
+
+    val_prompts = load_prompts(cfg.validation.prompts, cfg.validation.max_prompts)
+
+    # Reward of the base model on held-out prompts (cached in the run folder so a resume does not redo it).
+    before_file = run_dir / "reward_before.json"
+    if before_file.exists():
+        reward_before = json.loads(before_file.read_text())
+    else:
+        reward_before = evaluate_rewards(model, rewards, val_prompts, cfg.validation, acc)
+        if acc.is_main_process:
+            _atomic_write(before_file, json.dumps(reward_before, indent=2))
+
+    pairs = _load_training_pairs(cfg, model, rewards, run_dir, acc)
+    data = CachedPairs(model, pairs, cache=cfg.data.cache_latents, encode_seed=cfg.seed)
+
+    raw_unet = model.unet
+    params = model.trainable_parameters()
+    optimizer = _make_optimizer(params, tcfg)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(tcfg))
+    ema = None
+    if tcfg.ema_decay:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(params, decay=tcfg.ema_decay)
+    unet, optimizer = acc.prepare(raw_unet, optimizer)
+    model.unet = unet  # forward through the DDP wrapper; the reference pass uses the raw module
+    model._raw_unet = raw_unet
+    state = {"step": 0}
+    acc.register_for_checkpointing(lr_sched)
+    if ema is not None:
+        acc.register_for_checkpointing(ema)
+
+    def save_hook(models, weights, output_dir):
+        if acc.is_main_process:
+            ckpt.save_trainable(raw_unet, Path(output_dir) / "trainable.safetensors")
+        weights.clear()  # the frozen base is not duplicated into every checkpoint
+
+    def load_hook(models, input_dir):
+        ckpt.load_trainable(raw_unet, Path(input_dir) / "trainable.safetensors")
+        models.clear()
+
+    acc.register_save_state_pre_hook(save_hook)
+    acc.register_load_state_pre_hook(load_hook)
+    config_yaml = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").exists() else ""
+
+    def save_checkpoint(step: int) -> None:
+        tmp = run_dir / "checkpoints" / f".tmp-{ckpt.checkpoint_name(step)}"
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))  # every rank takes part
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            ts = {"step": step, "objective_state": objective.state_dict(), "seed": cfg.seed}
+            ckpt.finalize_checkpoint(tmp, run_dir / "checkpoints" / ckpt.checkpoint_name(step), ts, config_yaml)
+            ckpt.prune_checkpoints(run_dir, tcfg.checkpoints_total_limit)
+        acc.wait_for_everyone()
+
+    resume_dir = ckpt.resolve_resume(run_dir, resume)
+    if resume_dir is not None:
+        acc.load_state(str(resume_dir))
+        ts = json.loads((resume_dir / "trainer_state.json").read_text())
+        state["step"] = ts["step"]
+        objective.load_state_dict(ts.get("objective_state", {}))
+        if acc.is_main_process:
+            console.print(f"resumed from {resume_dir} at step {state['step']}")
+
+    if trackers:
+        acc.init_trackers("genalign", config=_flat(cfg.model_dump(mode="json")))
+    stop = _StopFlag()
+    old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)} if _main_thread() else {}
+    accum = tcfg.gradient_accumulation_steps
+    pbar = tqdm(total=tcfg.steps, initial=state["step"], disable=not (progress and acc.is_main_process),
+                desc=f"{cfg.objective.name}", dynamic_ncols=True)
+    last_metrics: dict[str, float] = {}
+    history: list[dict] = []
+    skipped_steps = 0
+    try:
+        while state["step"] < tcfg.steps:
+            step = state["step"]
+            metrics_acc: dict[str, float] = {}
+            skip = False
+            for a in range(accum):
+                micro = step * accum + a
+                idx = micro_batch_indices(data.n, micro, tcfg.batch_size, acc.process_index, acc.num_processes, cfg.seed)
+                batch = data.batch(idx)
+                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + micro * 1009 + acc.process_index)
+                with acc.accumulate(unet), acc.autocast():
+                    out = objective.loss(batch, gen)
+                    bad = acc.reduce(torch.tensor(float(not torch.isfinite(out.loss).all()), device=acc.device), "sum")
+                    if bad.item() > 0:
+                        if tcfg.on_nan == "halt":
+                            raise NonFiniteLossError(f"non-finite loss at step {step} (micro-step {micro}, pair ids "
+                                                     f"{batch['ids']}); set train.on_nan: skip to skip such steps")
+                        skip = True
+                        out.loss = out.loss.nan_to_num(0.0, 0.0, 0.0) * 0.0
+                    acc.backward(out.loss)
+                    if acc.sync_gradients and tcfg.max_grad_norm and not skip:
+                        acc.clip_grad_norm_(params, tcfg.max_grad_norm)
+                    if acc.sync_gradients and skip:
+                        optimizer.zero_grad(set_to_none=True)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                for k, v in out.metrics.items():
+                    metrics_acc[k] = metrics_acc.get(k, 0.0) + v / accum
+                metrics_acc["loss"] = metrics_acc.get("loss", 0.0) + out.loss.item() / accum
+            if skip:
+                skipped_steps += 1
+                logger.warning("step %d skipped: non-finite loss", step)
+            lr_sched.step()
+            if ema is not None:
+                ema.step(params)
+            state["step"] = step + 1
+            last_metrics = {k: _mean_over_ranks(acc, v) for k, v in sorted(metrics_acc.items())}
+            last_metrics["lr"] = lr_sched.get_last_lr()[0]
+            if acc.is_main_process:
+                pbar.update(1)
+                pbar.set_postfix(loss=f"{last_metrics['loss']:.4f}")
+            if state["step"] % tcfg.log_every == 0 or state["step"] == tcfg.steps:
+                history.append({"step": state["step"], **last_metrics})
+                logger.info("step %d %s", state["step"], last_metrics)
+                if trackers:
+                    acc.log(last_metrics, step=state["step"])
+            if cfg.validation.every and state["step"] % cfg.validation.every == 0 and state["step"] < tcfg.steps:
+                val = evaluate_rewards(model, rewards, val_prompts, cfg.validation, acc)
+                logger.info("validation step %d %s", state["step"], val)
+                if trackers:
+                    acc.log({f"val/reward/{k}": v for k, v in val.items()}, step=state["step"])
+                if acc.is_main_process:
+                    pbar.set_postfix(loss=f"{last_metrics['loss']:.4f}", **{k[:12]: f"{v:.3f}" for k, v in val.items()})
+            if (tcfg.checkpoint_every and state["step"] % tcfg.checkpoint_every == 0) or stop.stop:
+                save_checkpoint(state["step"])
+            if stop.stop:
+                if acc.is_main_process:
+                    console.print(f"stopped by signal at step {state['step']}; resume with --resume latest")
+                return {"stopped_at": state["step"]}
+    finally:
+        pbar.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+    if not ckpt.list_checkpoints(run_dir) or int(ckpt.list_checkpoints(run_dir)[-1].name.split("_")[1]) != state["step"]:
+        save_checkpoint(state["step"])
+    if ema is not None:
+        ema.copy_to(params)
+    reward_after = evaluate_rewards(model, rewards, val_prompts, cfg.validation, acc)
+    summary = {
+        "objective": cfg.objective.name, "model": cfg.pipeline.model, "steps": state["step"],
+        "seconds": round(time.time() - t_start, 1), "num_pairs": data.n, "data_skipped": pairs.skipped,
+        "skipped_steps": skipped_steps, "reward_before": reward_before, "reward_after": reward_after,
+        "heldout_prompts": cfg.validation.prompts, "samples_per_prompt": cfg.validation.samples_per_prompt,
+        "final_metrics": last_metrics, "history": history,
+    }
+    if acc.is_main_process and cfg.export.enabled:
+        from genalign.export import export_pipeline
+
+        export_pipeline(model, cfg, run_dir / "export", summary=summary)
+    if acc.is_main_process:
+        _atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
+        if progress:
+            _print_table(console, reward_before, reward_after, summary)
+    acc.wait_for_everyone()
+    if trackers:
+        acc.end_training()
+    return summary
+
+
+def _load_training_pairs(cfg: RunConfig, model, rewards: dict, run_dir: Path, acc):
+    """Offline preference pairs, or on-policy pairs generated once (rank 0) and cached in ``RUN_DIR/data``."""
+    src = cfg.data.source
+    if src.kind == "preference":
+        from genalign.data.preference import load_preference_pairs
+
+        return load_preference_pairs(src.source, model.resolution, split=src.split, ties=src.ties,
+                                     max_pairs=src.max_pairs, hflip=src.hflip, pair_augment=src.pair_augment,
+                                     seed=cfg.seed)
+    from genalign.data.onpolicy import generate_onpolicy_pairs
+    from genalign.data.preference import PreferencePairs
+    from genalign.data.prompts import load_prompts
+
+    cache = run_dir / "data" / "onpolicy_pairs.pt"
+    if acc.is_main_process and not cache.exists():
+        name = src.reward or cfg.rewards[0].name
+        reward = rewards[name] if name in rewards else build_rewards([type(cfg.rewards[0])(name=name)], acc.device)[name]
+        pairs = generate_onpolicy_pairs(model, reward, load_prompts(src.prompts), src.samples_per_prompt, src.rounds,
+                                        src.min_reward_gap, src.num_inference_steps, src.guidance_scale, seed=cfg.seed)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        torch.save(pairs.__dict__, tmp)
+        tmp.replace(cache)
+    acc.wait_for_everyone()
+    return PreferencePairs(**torch.load(cache, weights_only=True))
+
+
+def _tracker_available(name: str) -> bool:
+    import importlib.util
+
+    mod = {"tensorboard": "tensorboard", "wandb": "wandb"}[name]
+    if importlib.util.find_spec(mod) is None:
+        logger.warning("train.trackers: %s is not installed; not logging to it", name)
+        return False
+    return True
+
+
+def _mean_over_ranks(acc, v: float) -> float:
+    if acc.num_processes == 1:
+        return float(v)
+    return float(acc.reduce(torch.tensor(float(v), device=acc.device), "mean").item())
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _print_table(console, before: dict, after: dict, summary: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"held-out reward ({summary['heldout_prompts']}, {summary['samples_per_prompt']} samples/prompt)")
+    table.add_column("reward")
+    table.add_column("base", justify="right")
+    table.add_column("trained", justify="right")
+    table.add_column("change", justify="right")
+    for k in before:
+        table.add_row(k, f"{before[k]:.4f}", f"{after[k]:.4f}", f"{after[k] - before[k]:+.4f}")
+    console.print(table)
+    console.print(f"{summary['steps']} steps in {summary['seconds']:.0f} s")
