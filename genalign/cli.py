@@ -151,9 +151,26 @@ def _cmd_list(args) -> int:
     return 0
 
 
+def _quiet_libraries() -> None:
+    """Keep library chatter (per-call loading bars, safe-to-ignore warnings) out of the user's terminal."""
+    import logging
+    import warnings
+
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``genalign`` console script; returns the exit status."""
     args = _parser().parse_args(argv)
+    _quiet_libraries()
     from genalign.config import ConfigError
     from genalign.rewards.base import WeightsNotFoundError
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 
 class ConfigError(ValueError):
@@ -103,6 +103,11 @@ class RewardItem(Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
+def _yaml_no(v: Any) -> Any:
+    """YAML 1.1 reads a bare ``no`` as False; mean the string "no"."""
+    return "no" if v is False else v
+
+
 class TrainConfig(Strict):
     """The Accelerate loop."""
 
@@ -118,7 +123,7 @@ class TrainConfig(Strict):
     adam_epsilon: float = Field(1e-8, gt=0)
     use_8bit_adam: bool = False
     max_grad_norm: float | None = Field(1.0, gt=0)
-    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    mixed_precision: Annotated[Literal["auto", "no", "fp16", "bf16"], BeforeValidator(_yaml_no)] = "auto"
     ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of trainable weights; None = off")
     checkpoint_every: int = Field(0, ge=0, description="save_state every N steps; 0 = only at the end")
     checkpoints_total_limit: int | None = Field(2, ge=1)
@@ -187,6 +192,16 @@ def _format_error(err: ValidationError, source: str, prefix: str = "") -> str:
     return f"{source}: {key}: {value!r}: {msg}{more}"
 
 
+def _source_of(err: ValidationError, source: str, overrides: list[str] | None) -> str:
+    """Name ``--set`` as the source when the failing key was overridden on the command line."""
+    loc = ".".join(str(p) for p in err.errors()[0]["loc"])
+    for item in overrides or []:
+        key = item.partition("=")[0].strip()
+        if loc == key or loc.startswith(key + "."):
+            return f"{source} --set {item}"
+    return source
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``"train.steps=50"`` → (["train", "steps"], 50); the value is parsed as YAML (numbers, bools, lists).
 
@@ -247,12 +262,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(data).__name__}")
     if overrides:
-        source += " (with --set " + " ".join(overrides) + ")"
         data = apply_overrides(data, overrides)
     try:
         cfg = RunConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_error(err, source)) from None
+        raise ConfigError(_format_error(err, _source_of(err, source, overrides))) from None
     from genalign.registry import objectives, rewards
 
     try:

@@ -120,6 +120,14 @@ def cond_to(cond: dict[str, Any], device, dtype=None) -> dict[str, Any]:
     return out
 
 
+def _to(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Move a module, casting only when needed (Diffusers warns on every dtype cast)."""
+    p = next(module.parameters(), None)
+    if p is not None and p.dtype == dtype:
+        return module.to(device)
+    return module.to(device, dtype=dtype)
+
+
 class DiffusionAdapter:
     """Base adapter over a Diffusers text-to-image pipeline (subclasses: :class:`~genalign.pipelines.sd.SDAdapter`,
     :class:`~genalign.pipelines.sdxl.SDXLAdapter`).
@@ -159,10 +167,10 @@ class DiffusionAdapter:
             m.requires_grad_(False)
             m.eval()
         # The SD/SDXL VAE in fp16 produces NaNs: keep it fp32 unless a fp16-fix VAE is configured.
-        self.vae.to(self.device, dtype=torch.float32)
+        _to(self.vae, self.device, torch.float32)
         for m in self.frozen_modules():
             if m is not self.vae:
-                m.to(self.device, dtype=weight_dtype)
+                _to(m, self.device, weight_dtype)
         if attention == "xformers":
             try:
                 import xformers  # noqa: F401
@@ -171,7 +179,7 @@ class DiffusionAdapter:
             self.unet.enable_xformers_memory_efficient_attention()
         self.ref_unet = None
         if reference == "frozen_copy":
-            self.ref_unet = copy.deepcopy(self.unet).requires_grad_(False).eval().to(self.device, dtype=weight_dtype)
+            self.ref_unet = _to(copy.deepcopy(self.unet).requires_grad_(False).eval(), self.device, weight_dtype)
         elif lora is None:
             raise ValueError("pipeline.reference: 'adapter_off' needs LoRA (pipeline.lora); use 'frozen_copy' for "
                              "full fine-tuning")
@@ -179,7 +187,7 @@ class DiffusionAdapter:
             from peft import LoraConfig as PeftLoraConfig
 
             self.unet.requires_grad_(False)
-            self.unet.to(self.device, dtype=weight_dtype)
+            _to(self.unet, self.device, weight_dtype)
             self.unet.add_adapter(PeftLoraConfig(
                 r=lora.rank, lora_alpha=lora.alpha or lora.rank, init_lora_weights=lora.init if lora.init == "gaussian" else True,
                 target_modules=list(lora.target_modules), lora_dropout=lora.dropout,
@@ -188,7 +196,7 @@ class DiffusionAdapter:
                 if p.requires_grad:
                     p.data = p.data.float()
         else:
-            self.unet.to(self.device, dtype=torch.float32).requires_grad_(True)
+            _to(self.unet, self.device, torch.float32).requires_grad_(True)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.unet.train()

@@ -1,0 +1,444 @@
+"""R0 / Reward-Instruct — regularised reward maximisation for few-step generators (Luo et al., arXiv 2503.13070, NeurIPS 2025).
+
+R0 trains a few-step (K = 4) text-to-image generator, initialised from a pretrained diffusion model, purely by
+maximising a weighted combination of normalised differentiable rewards on its own samples, back-propagating
+through the K-step rollout, with no distillation loss and no images. Reward hacking is controlled by the
+diffusion-style parameterisation, a weight regulariser towards the pretrained weights θ0 and random-η sampling;
+R0+ also rewards every intermediate x̂0 (and adds a high-resolution guidance reward, modelled as one more reward
+member)::
+
+    R(x, c) = Σ_m w_m·(r_m(x, c) − μ_m)/(σ_m + 1e-6)          μ_m, σ_m batch statistics, detached
+    L(θ)    = −Σ_k β_k·mean_b R(decode(x̂0^(k)), c) + λ·Σ_layers ‖θ − θ0‖²
+
+There is no training code and the method section could not be read: **everything here is a reconstruction**
+([recon] / [unknown → rec.], ``R0Config``) built from the abstracts, figure captions and reviews — the rollout
+form (flow: x_{t'} = (1 − t')x̂0 + t'(sqrt(1 − η²)ε̂ + ηξ); VP: DDIM(η)), η ~ U[0, 1] in training and 0 at
+inference, batch standardisation of each reward, equal reward weights, λ = 1e-3 on the summed squared delta, the
+step weights (R0: final step only; R0+: uniform 1/K), truncated back-propagation and the optional Langevin
+perturbation of the v2 "reward-tilted parameter distribution" framing. Only K = 4 and the backbones are [paper].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+__all__ = [
+    "R0Config",
+    "normalize_rewards",
+    "composite_reward",
+    "weight_regularizer",
+    "lora_delta_regularizer",
+    "resolve_step_weights",
+    "r0_generator_loss",
+    "sample_eta",
+    "flow_predictions_from_velocity",
+    "flow_random_eta_step",
+    "ddim_random_eta_step",
+    "rollout",
+    "langevin_perturb_",
+]
+
+
+@dataclass
+class R0Config:
+    """R0 hyperparameters with provenance tags (see /work/shared/methods/r0.md §3)."""
+
+    num_steps: int = 4  # [paper] K = 4 (Table 1)
+    step_times: Optional[List[float]] = None  # [unknown → rec.] None ⇒ the pipeline scheduler's own K-step schedule
+    eta_range: Tuple[float, float] = (0.0, 1.0)  # [unknown → rec.] η ~ U[η_lo, η_hi] per sample in training
+    eta_inference: float = 0.0  # [unknown → rec.] deterministic at inference (flow backbones)
+    rewards: Tuple[str, ...] = ("hpsv2.1", "imagereward", "clipscore")  # [2nd] members
+    reward_weights: Optional[Dict[str, float]] = None  # [unknown → rec.] None ⇒ equal weights after normalisation
+    normalization: str = "batch"  # [recon] batch standardisation (detached stats) | "fixed" | "none"
+    normalization_eps: float = 1e-6  # [recon]
+    weight_reg: float = 1e-3  # [unknown → rec.] λ on Σ‖θ − θ0‖² (LoRA: merged delta)
+    step_weights: str = "final"  # [recon] "final" (R0) | "uniform" (R0+ intermediate supervision, β_k = 1/K)
+    backprop_steps: Optional[int] = None  # [recon] None ⇒ back-propagate through the whole K-step chain
+    langevin_tau: float = 0.0  # [recon] v2 framing: θ ← θ + sqrt(2·lr·τ)·ξ after each update (0 = off)
+    learning_rate: float = 1e-5  # [unknown → rec.] AdamW, LoRA (1e-6 full fine-tune)
+    batch_size: int = 16  # [unknown → rec.] ≥ 16 prompts
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Composite reward
+# --------------------------------------------------------------------------------------------------------------
+
+
+def normalize_rewards(
+    rewards: torch.Tensor,
+    mode: str = "batch",
+    stats: Optional[Tuple[float, float]] = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Normalise one reward member over the batch ([recon]).
+
+    Args:
+        rewards: (B,) raw reward r_m (higher is better), with graph.
+        mode: "batch" (reconstruction/recommendation: (r − μ)/(σ + eps) with the batch mean and the population
+            std, both detached, so ∂R_b/∂r_b = 1/(σ + eps) and there are no cross-sample terms); "fixed"
+            ((r − μ)/(σ + eps) with ``stats = (μ, σ)`` given); "none" (identity).
+        eps: reconstruction/recommendation 1e-6.
+
+    Returns:
+        (B,) fp32. With mode "batch", B = 1 gives σ = 0 and therefore (r − r)/eps = 0 (log a warning upstream).
+
+    Raises:
+        ValueError: rewards not 1-D / empty, unknown mode, missing stats for "fixed", eps < 0.
+    """
+    if rewards.ndim != 1 or rewards.shape[0] == 0:
+        raise ValueError(f"rewards must be a non-empty (B,) tensor, got {tuple(rewards.shape)}")
+    if eps < 0:
+        raise ValueError("eps must be >= 0")
+    r = rewards.to(torch.float32)
+    if mode == "none":
+        return r
+    if mode == "batch":
+        mu = r.detach().mean()
+        sigma = r.detach().std(unbiased=False)
+    elif mode == "fixed":
+        if stats is None:
+            raise ValueError("mode='fixed' needs stats=(mean, std)")
+        mu, sigma = float(stats[0]), float(stats[1])
+        if sigma < 0:
+            raise ValueError("fixed std must be >= 0")
+    else:
+        raise ValueError(f"mode must be 'batch', 'fixed' or 'none', got {mode!r}")
+    return (r - mu) / (sigma + eps)
+
+
+def composite_reward(
+    rewards: Mapping[str, torch.Tensor],
+    weights: Optional[Mapping[str, float]] = None,
+    normalization: str = "batch",
+    fixed_stats: Optional[Mapping[str, Tuple[float, float]]] = None,
+    eps: float = 1e-6,
+) -> Tuple[torch.Tensor, dict]:
+    """Weighted normalised reward R_b = Σ_m w_m·normalise(r_m)_b ([recon], r0.md §2.2).
+
+    Args:
+        rewards: name → (B,) reward tensor (all the same B), e.g. {"hpsv2.1": …, "imagereward": …}.
+        weights: name → w_m ≥ 0; None ⇒ equal weights 1/M (reconstruction/recommendation). Names missing from
+            ``weights`` get 0; names in ``weights`` missing from ``rewards`` raise.
+        normalization, eps: see :func:`normalize_rewards`; ``fixed_stats`` name → (μ, σ) for "fixed".
+
+    Returns:
+        ``(R, metrics)``: (B,) fp32 composite and ``reward/<name>`` (raw batch means) plus
+        ``reward_norm/<name>`` (weighted normalised means).
+
+    Raises:
+        ValueError: empty rewards, mismatched shapes, negative weights, unknown names, or all weights 0
+        (a configuration error, never a silent no-op).
+    """
+    if not rewards:
+        raise ValueError("rewards must contain at least one member")
+    shapes = {tuple(v.shape) for v in rewards.values()}
+    if len(shapes) != 1:
+        raise ValueError(f"all rewards must have the same (B,) shape, got {sorted(shapes)}")
+    if weights is None:
+        weights = {k: 1.0 / len(rewards) for k in rewards}
+    unknown = set(weights) - set(rewards)
+    if unknown:
+        raise ValueError(f"weights given for unknown rewards: {sorted(unknown)}")
+    if any(w < 0 for w in weights.values()):
+        raise ValueError("reward weights must be >= 0")
+    if sum(float(weights.get(k, 0.0)) for k in rewards) == 0.0:
+        raise ValueError("all reward weights are 0: configuration error")
+    total = None
+    metrics = {}
+    for name, r in rewards.items():
+        w = float(weights.get(name, 0.0))
+        stats = None if fixed_stats is None else fixed_stats.get(name)
+        n = normalize_rewards(r, normalization, stats, eps)
+        metrics[f"reward/{name}"] = r.detach().float().mean()
+        metrics[f"reward_norm/{name}"] = (w * n).detach().mean()
+        if w == 0.0:
+            continue
+        total = w * n if total is None else total + w * n
+    return total, metrics
+
+
+def weight_regularizer(
+    params: Iterable[torch.Tensor], init_params: Iterable[torch.Tensor], lam: float = 1e-3
+) -> torch.Tensor:
+    """λ·Σ‖θ − θ0‖² over matching parameter tensors (θ0 a frozen snapshot; [unknown → rec.] λ = 1e-3).
+
+    Gradient 2λ(θ − θ0); zero at θ = θ0. Raises ValueError on a length or shape mismatch or λ < 0.
+    For LoRA use :func:`lora_delta_regularizer` (merged delta, not ‖A‖² + ‖B‖²).
+    """
+    if lam < 0:
+        raise ValueError("lam must be >= 0")
+    params, init_params = list(params), list(init_params)
+    if len(params) != len(init_params) or not params:
+        raise ValueError(f"need the same non-zero number of params and init params ({len(params)} vs {len(init_params)})")
+    total = torch.zeros((), dtype=torch.float32, device=params[0].device)
+    for p, p0 in zip(params, init_params):
+        if p.shape != p0.shape:
+            raise ValueError(f"parameter shape {tuple(p.shape)} != initial shape {tuple(p0.shape)}")
+        total = total + ((p.to(torch.float32) - p0.detach().to(torch.float32)) ** 2).sum()
+    return lam * total
+
+
+def lora_delta_regularizer(
+    lora_pairs: Iterable[Tuple[torch.Tensor, torch.Tensor, float]], lam: float = 1e-3
+) -> torch.Tensor:
+    """λ·Σ_layers ‖scale·B·A‖²_F for LoRA layers (θ − θ0 = merged delta; scale = lora_alpha / r) ([recon]).
+
+    Args:
+        lora_pairs: iterable of ``(A, B, scale)`` with A (r, in) and B (out, r) (PEFT ``lora_A``/``lora_B``
+            weights; conv LoRA: flatten to 2-D first).
+        lam: λ ≥ 0.
+
+    Raises ValueError on incompatible shapes or λ < 0.
+    """
+    if lam < 0:
+        raise ValueError("lam must be >= 0")
+    total = None
+    for A, B, scale in lora_pairs:
+        if A.ndim != 2 or B.ndim != 2 or B.shape[1] != A.shape[0]:
+            raise ValueError(f"LoRA shapes must be A (r, in), B (out, r); got {tuple(A.shape)}, {tuple(B.shape)}")
+        delta = float(scale) * (B.to(torch.float32) @ A.to(torch.float32))
+        term = (delta**2).sum()
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("no LoRA layers given")
+    return lam * total
+
+
+def resolve_step_weights(step_weights: Union[str, Sequence[float]], num_steps: int) -> List[float]:
+    """β_k for k = 0..K−1: "final" (R0: [0, …, 0, 1]), "uniform" (R0+: 1/K each) or an explicit list ([recon])."""
+    if num_steps < 1:
+        raise ValueError("num_steps must be >= 1")
+    if step_weights == "final":
+        return [0.0] * (num_steps - 1) + [1.0]
+    if step_weights == "uniform":
+        return [1.0 / num_steps] * num_steps
+    if isinstance(step_weights, str):
+        raise ValueError(f"step_weights must be 'final', 'uniform' or a sequence, got {step_weights!r}")
+    w = [float(x) for x in step_weights]
+    if len(w) != num_steps or any(x < 0 for x in w) or sum(w) == 0:
+        raise ValueError(f"explicit step_weights must be {num_steps} non-negative numbers, not all 0")
+    return w
+
+
+def r0_generator_loss(
+    step_rewards: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    reward_weights: Optional[Mapping[str, float]] = None,
+    step_weights: Union[str, Sequence[float]] = "final",
+    normalization: str = "batch",
+    fixed_stats: Optional[Mapping[str, Tuple[float, float]]] = None,
+    eps: float = 1e-6,
+    params: Optional[Iterable[torch.Tensor]] = None,
+    init_params: Optional[Iterable[torch.Tensor]] = None,
+    weight_reg: float = 1e-3,
+    regularizer: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, dict]:
+    """R0 / R0+ generator loss L = −Σ_k β_k·mean_b R^(k)_b + λ·Σ‖θ − θ0‖² (reconstruction, r0.md §2.2).
+
+    Args:
+        step_rewards: length-K list; entry k maps reward name → (B,) differentiable reward of decode(x̂0^(k)).
+            Entries whose β_k = 0 are not used (they may be empty dicts, e.g. plain R0 passes K − 1 empty dicts
+            and the final rewards, or just a length-1 list with ``step_weights="final"``).
+        reward_weights, normalization, fixed_stats, eps: see :func:`composite_reward` (reconstruction/recommendation
+            defaults: equal weights, batch standardisation with detached statistics, eps 1e-6). Statistics are
+            computed per step and per reward.
+        step_weights: "final" (R0, default), "uniform" (R0+), or K explicit β_k (reconstruction/recommendation).
+        params, init_params: trainable tensors and their θ0 snapshot for the weight regulariser (optional).
+        weight_reg: λ (reconstruction/recommendation 1e-3 on the summed squared delta).
+        regularizer: alternatively a precomputed regulariser (e.g. :func:`lora_delta_regularizer`), added as is.
+
+    Returns:
+        ``(loss, metrics)``; metrics ``loss``, ``reward_loss`` (−Σβ_k mean R), ``weight_reg`` (after λ),
+        ``reward/<name>`` raw means at the final rewarded step, ``reward_step<k>`` composite means.
+
+    Raises:
+        ValueError: empty list, a weighted step without rewards, both ``params`` and ``regularizer`` given, and the
+        errors of the helpers.
+    """
+    K = len(step_rewards)
+    if K == 0:
+        raise ValueError("step_rewards must contain at least one step")
+    betas = resolve_step_weights(step_weights, K)
+    if params is not None and regularizer is not None:
+        raise ValueError("give either params/init_params or a precomputed regularizer, not both")
+    reward_loss = None
+    metrics: dict = {}
+    for k, (beta, rewards) in enumerate(zip(betas, step_rewards)):
+        if beta == 0.0:
+            continue
+        if not rewards:
+            raise ValueError(f"step {k} has weight {beta} but no rewards")
+        R, m = composite_reward(rewards, reward_weights, normalization, fixed_stats, eps)
+        term = -beta * R.mean()
+        reward_loss = term if reward_loss is None else reward_loss + term
+        metrics[f"reward_step{k}"] = R.detach().mean()
+        metrics.update(m)  # later steps overwrite: final rewarded step's raw means are logged
+    loss = reward_loss
+    reg = torch.zeros((), dtype=torch.float32, device=loss.device)
+    if params is not None:
+        if init_params is None:
+            raise ValueError("init_params (θ0) are required with params")
+        reg = weight_regularizer(params, init_params, weight_reg)
+    elif regularizer is not None:
+        reg = regularizer.to(torch.float32)
+    loss = loss + reg
+    metrics.update(loss=loss.detach(), reward_loss=reward_loss.detach(), weight_reg=reg.detach())
+    return loss, metrics
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Random-η rollout
+# --------------------------------------------------------------------------------------------------------------
+
+
+def sample_eta(
+    batch_size: int,
+    eta_range: Tuple[float, float] = (0.0, 1.0),
+    generator: Optional[torch.Generator] = None,
+    device: Union[str, torch.device] = "cpu",
+) -> torch.Tensor:
+    """η ~ U[η_lo, η_hi] per sample, (B,) fp32 ([unknown → rec.] U[0, 1]); raises unless 0 ≤ η_lo ≤ η_hi ≤ 1."""
+    lo, hi = float(eta_range[0]), float(eta_range[1])
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"need 0 <= eta_lo <= eta_hi <= 1, got {eta_range}")
+    return (lo + (hi - lo) * torch.rand(batch_size, generator=generator)).to(device)
+
+
+def _bview(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    x = torch.as_tensor(x, dtype=torch.float32, device=like.device)
+    if x.ndim == 0:
+        x = x.expand(like.shape[0])
+    if x.shape != (like.shape[0],):
+        raise ValueError(f"per-sample value must be a scalar or ({like.shape[0]},), got {tuple(x.shape)}")
+    return x.view((-1,) + (1,) * (like.ndim - 1))
+
+
+def flow_predictions_from_velocity(
+    x_t: torch.Tensor, v: torch.Tensor, t: Union[float, torch.Tensor]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rectified flow x_t = (1 − t)x0 + tε, v = ε − x0 ⇒ (x̂0, ε̂) = (x_t − t·v̂, x_t + (1 − t)·v̂), fp32.
+
+    ``x_t``, ``v``: (B, ...); ``t``: scalar or (B,) in [0, 1] (SD3 passes t·1000 to the transformer; here t ∈ [0, 1]).
+    """
+    if x_t.shape != v.shape:
+        raise ValueError(f"x_t {tuple(x_t.shape)} and v {tuple(v.shape)} differ")
+    tt = _bview(t, x_t)
+    x, vv = x_t.to(torch.float32), v.to(torch.float32)
+    return x - tt * vv, x + (1 - tt) * vv
+
+
+def flow_random_eta_step(
+    x0_hat: torch.Tensor,
+    eps_hat: torch.Tensor,
+    t_next: Union[float, torch.Tensor],
+    eta: Union[float, torch.Tensor],
+    noise: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Random-η flow step x_{t'} = (1 − t')·x̂0 + t'·(sqrt(1 − η²)·ε̂ + η·ξ) ([recon], r0.md §2.1).
+
+    η = 0 is the deterministic Euler jump x_t + (t' − t)·v̂; η = 1 re-noises fully. If ε̂ were the true noise the
+    marginal of x_{t'} given x0 is N((1 − t')x0, t'²I) for every η.
+
+    Args: x0_hat, eps_hat (B, ...); t_next scalar or (B,) in [0, 1]; eta scalar or (B,) in [0, 1]; noise ξ
+    (B, ...), required when any η > 0. Raises ValueError on bad shapes / ranges.
+    """
+    if x0_hat.shape != eps_hat.shape:
+        raise ValueError(f"x0_hat {tuple(x0_hat.shape)} and eps_hat {tuple(eps_hat.shape)} differ")
+    tn = _bview(t_next, x0_hat)
+    e = _bview(eta, x0_hat)
+    if ((e < 0) | (e > 1)).any() or ((tn < 0) | (tn > 1)).any():
+        raise ValueError("eta and t_next must lie in [0, 1]")
+    direction = torch.sqrt(1 - e**2) * eps_hat.to(torch.float32)
+    if bool((e > 0).any()):
+        if noise is None or noise.shape != x0_hat.shape:
+            raise ValueError("noise of x0_hat's shape is required when eta > 0")
+        direction = direction + e * noise.to(torch.float32)
+    return (1 - tn) * x0_hat.to(torch.float32) + tn * direction
+
+
+def ddim_random_eta_step(
+    x0_hat: torch.Tensor,
+    eps_hat: torch.Tensor,
+    alpha_bar_t: Union[float, torch.Tensor],
+    alpha_bar_next: Union[float, torch.Tensor],
+    eta: Union[float, torch.Tensor],
+    noise: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Generalised DDIM(η) step for VP/ε backbones (SD1.5) with per-sample η ([recon], r0.md §2.1).
+
+    σ_η = η·sqrt((1 − ᾱ')/(1 − ᾱ))·sqrt(1 − ᾱ/ᾱ'), x' = sqrt(ᾱ')x̂0 + sqrt(1 − ᾱ' − σ_η²)ε̂ + σ_η·ξ.
+    η = 0 equals ``DDIMScheduler.step(eta=0)``. Shapes as in :func:`flow_random_eta_step`; ᾱ values scalars or (B,).
+    """
+    if x0_hat.shape != eps_hat.shape:
+        raise ValueError(f"x0_hat {tuple(x0_hat.shape)} and eps_hat {tuple(eps_hat.shape)} differ")
+    ab = _bview(alpha_bar_t, x0_hat)
+    abn = _bview(alpha_bar_next, x0_hat)
+    e = _bview(eta, x0_hat)
+    if ((e < 0) | (e > 1)).any():
+        raise ValueError("eta must lie in [0, 1]")
+    sigma = e * torch.sqrt((1 - abn) / (1 - ab)) * torch.sqrt((1 - ab / abn).clamp_min(0))
+    out = torch.sqrt(abn) * x0_hat.to(torch.float32) + torch.sqrt((1 - abn - sigma**2).clamp_min(0)) * eps_hat.to(
+        torch.float32
+    )
+    if bool((sigma > 0).any()):
+        if noise is None or noise.shape != x0_hat.shape:
+            raise ValueError("noise of x0_hat's shape is required when eta > 0")
+        out = out + sigma * noise.to(torch.float32)
+    return out
+
+
+def rollout(
+    predict_fn: Callable[[torch.Tensor, float, int], Tuple[torch.Tensor, torch.Tensor]],
+    z: torch.Tensor,
+    times: Sequence[float],
+    eta: Union[float, torch.Tensor] = 0.0,
+    generator: Optional[torch.Generator] = None,
+    backprop_steps: Optional[int] = None,
+) -> List[torch.Tensor]:
+    """K-step random-η flow rollout from x_{t_0} = z; returns [x̂0^(0), …, x̂0^(K−1)] ([recon], r0.md §2.1).
+
+    Args:
+        predict_fn: ``(x_t, t, k) -> (x̂0, ε̂)`` the trainable network (e.g. via
+            :func:`flow_predictions_from_velocity`), with graph.
+        z: (B, ...) initial noise; times: K decreasing times t_0 > … > t_{K−1} in (0, 1].
+        eta: scalar or (B,) η for the re-noising (training: :func:`sample_eta`; inference 0).
+        generator: for the re-noising ξ.
+        backprop_steps: None ⇒ full back-propagation; k ⇒ the state entering step K − k is detached, so only the
+            last k network calls receive gradient (reconstruction option).
+
+    Raises ValueError on non-decreasing times or a bad backprop_steps.
+    """
+    K = len(times)
+    if K == 0 or any(b >= a for a, b in zip(times, times[1:])):
+        raise ValueError(f"times must be a non-empty strictly decreasing sequence, got {list(times)}")
+    if backprop_steps is not None and not 1 <= backprop_steps <= K:
+        raise ValueError(f"backprop_steps must be in [1, {K}] or None")
+    x = z.to(torch.float32)
+    outs = []
+    for k, t in enumerate(times):
+        if backprop_steps is not None and k == K - backprop_steps:
+            x = x.detach()
+        x0_hat, eps_hat = predict_fn(x, float(t), k)
+        outs.append(x0_hat)
+        if k < K - 1:
+            noise = torch.randn(z.shape, generator=generator).to(z.device)
+            x = flow_random_eta_step(x0_hat, eps_hat, float(times[k + 1]), eta, noise)
+    return outs
+
+
+@torch.no_grad()
+def langevin_perturb_(
+    params: Iterable[torch.Tensor], lr: float, tau: float, generator: Optional[torch.Generator] = None
+) -> None:
+    """In place θ ← θ + sqrt(2·lr·τ)·ξ after an optimizer step ([recon]; v2 framing, exact only for plain SGD)."""
+    if lr < 0 or tau < 0:
+        raise ValueError("lr and tau must be >= 0")
+    if tau == 0:
+        return
+    scale = math.sqrt(2.0 * lr * tau)
+    for p in params:
+        p.add_(scale * torch.randn(p.shape, generator=generator).to(p.device, p.dtype))

@@ -1,0 +1,129 @@
+"""Adapters on tiny real-architecture pipelines: pair plumbing, reference, targets, conditioning."""
+
+import pytest
+import torch
+
+from genalign.config import LoraConfig
+from genalign.objectives.base import paired_denoising_losses, reference_losses
+from genalign.objectives.mapo import mapo_loss
+from genalign.pipelines.base import per_sample_mse
+from genalign.pipelines.sd import SDAdapter
+from genalign.pipelines.sdxl import SDXLAdapter
+from genalign.pipelines.tiny import tiny_clip_tokenizer, tiny_sd_pipeline, tiny_sdxl_pipeline
+
+
+@pytest.fixture
+def sd():
+    return SDAdapter(tiny_sd_pipeline(), lora=LoraConfig(rank=4))
+
+
+def test_tiny_tokenizer_roundtrips_offline(tmp_path):
+    from transformers import CLIPTokenizer
+
+    tok = tiny_clip_tokenizer()
+    tok.save_pretrained(tmp_path)
+    again = CLIPTokenizer.from_pretrained(tmp_path)
+    for text in ["a handwritten digit 7", "A photo of a zebra, 4K!"]:
+        assert again(text).input_ids == tok(text).input_ids
+    assert len(tok("a handwritten digit 7").input_ids) == 6  # bos + 4 words + "7" + eos minus merges -> words are single tokens
+
+
+def test_pairs_share_noise_timestep_and_conditioning(sd):
+    seen = {}
+    orig = sd.predict
+
+    def spy(x_t, t, cond, unet=None):
+        seen.update(x_t=x_t, t=t, cond=cond)
+        return orig(x_t, t, cond, unet)
+
+    sd.predict = spy
+    lat = torch.randn(3, 4, 8, 8)
+    cond = sd.encode_prompt(["a", "b", "c"])
+    fwd = paired_denoising_losses(sd, lat, lat.clone(), cond, torch.Generator().manual_seed(0))
+    assert torch.equal(seen["t"][:3], seen["t"][3:])
+    assert torch.equal(seen["x_t"][:3], seen["x_t"][3:])  # same latents + same noise -> same x_t
+    assert torch.equal(seen["cond"]["encoder_hidden_states"][:3], seen["cond"]["encoder_hidden_states"][3:])
+    assert torch.allclose(fwd.losses_w, fwd.losses_l)
+
+
+def test_end_to_end_step_matches_hand_computed_mapo(sd):
+    lat_w, lat_l = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    cond = sd.encode_prompt(["a cat", "a dog"])
+    fwd = paired_denoising_losses(sd, lat_w, lat_l, cond, torch.Generator().manual_seed(3))
+    # Recompute by hand from the same draws.
+    g = torch.Generator().manual_seed(3)
+    noise = torch.randn(lat_w.shape, generator=g)
+    t = torch.randint(0, 1000, (2,), generator=g)
+    x_w = sd.noise_scheduler.add_noise(lat_w, noise, t)
+    x_l = sd.noise_scheduler.add_noise(lat_l, noise, t)
+    with torch.no_grad():
+        pw = sd.unet(x_w, t, cond["encoder_hidden_states"]).sample
+        pl = sd.unet(x_l, t, cond["encoder_hidden_states"]).sample
+    lw = ((pw - noise) ** 2).mean(dim=(1, 2, 3))
+    ll = ((pl - noise) ** 2).mean(dim=(1, 2, 3))
+    assert torch.allclose(fwd.losses_w, lw, atol=1e-5) and torch.allclose(fwd.losses_l, ll, atol=1e-5)
+    assert mapo_loss(fwd.losses_w, fwd.losses_l)[0].item() == pytest.approx(mapo_loss(lw, ll)[0].item(), abs=1e-4)
+
+
+def test_adapter_off_reference_equals_base_and_policy_at_init(sd):
+    base = tiny_sd_pipeline().unet
+    lat = torch.randn(2, 4, 8, 8)
+    cond = sd.encode_prompt(["x", "y"])
+    t = torch.tensor([10, 500])
+    with torch.no_grad():
+        want = base(lat, t, cond["encoder_hidden_states"]).sample
+    with sd.reference() as ref:
+        got = sd.predict(lat, t, cond, unet=ref)
+    assert torch.allclose(got, want, atol=1e-6)
+    # Gaussian LoRA init has B = 0: the policy equals the reference at step 0 ...
+    with torch.no_grad():
+        assert torch.allclose(sd.predict(lat, t, cond), want, atol=1e-6)
+    # ... and after perturbing the LoRA weights the policy differs but the reference still equals the base.
+    with torch.no_grad():
+        for p in sd.trainable_parameters():
+            p.add_(0.1)
+        assert not torch.allclose(sd.predict(lat, t, cond), want, atol=1e-4)
+    with sd.reference() as ref:
+        assert torch.allclose(sd.predict(lat, t, cond, unet=ref), want, atol=1e-6)
+    fwd = paired_denoising_losses(sd, lat, lat, cond, torch.Generator().manual_seed(0))
+    rw, rl = reference_losses(sd, fwd)
+    assert not rw.requires_grad
+
+
+def test_only_lora_params_train_and_frozen_copy_option():
+    sd = SDAdapter(tiny_sd_pipeline(), lora=LoraConfig(rank=2))
+    names = [n for n, p in sd.unet.named_parameters() if p.requires_grad]
+    assert names and all("lora" in n for n in names)
+    assert not any(p.requires_grad for p in sd.pipe.text_encoder.parameters())
+    full = SDAdapter(tiny_sd_pipeline(), lora=None, reference="frozen_copy")
+    assert all(p.requires_grad for p in full.unet.parameters())
+    assert not any(p.requires_grad for p in full.ref_unet.parameters())
+    with pytest.raises(ValueError, match="adapter_off"):
+        SDAdapter(tiny_sd_pipeline(), lora=None, reference="adapter_off")
+
+
+def test_v_prediction_target():
+    sd = SDAdapter(tiny_sd_pipeline("v_prediction"), lora=LoraConfig(rank=2))
+    x0, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([100, 900])
+    a = sd.noise_scheduler.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
+    s = (1 - sd.noise_scheduler.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
+    assert torch.allclose(sd.target(x0, noise, t), a * noise - s * x0, atol=1e-6)
+
+
+def test_sdxl_conditioning_has_pooled_and_time_ids():
+    xl = SDXLAdapter(tiny_sdxl_pipeline(), lora=LoraConfig(rank=2))
+    cond = xl.encode_prompt(["a cat", "a dog"])
+    assert cond["encoder_hidden_states"].shape == (2, 16, 64)  # two encoders' penultimate states concatenated
+    assert cond["text_embeds"].shape == (2, 32)
+    assert cond["time_ids"].tolist()[0] == [8, 8, 0, 0, 8, 8]
+    extra = xl.pair_extra_cond({"original_sizes": torch.tensor([[600, 800]]), "crop_top_lefts": torch.tensor([[0, 100]])})
+    assert extra["time_ids"].tolist() == [[600, 800, 0, 100, 8, 8]]
+    fwd = paired_denoising_losses(xl, torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), cond)
+    assert fwd.losses_w.shape == (2,) and torch.isfinite(fwd.losses_w).all()
+
+
+def test_per_sample_mse_upcasts_and_reduces():
+    a = torch.ones(2, 3, dtype=torch.float16)
+    b = torch.zeros(2, 3, dtype=torch.float16)
+    assert per_sample_mse(a, b).dtype == torch.float32
+    assert per_sample_mse(a, b, "sum").tolist() == [3.0, 3.0]

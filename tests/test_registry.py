@@ -1,0 +1,59 @@
+"""Registries: built-ins, unknown names, and third-party plug-ins through entry points."""
+
+import sys
+import textwrap
+
+import pytest
+
+from genalign.registry import Registry, objectives, pipelines, rewards
+
+
+def test_builtins_are_registered():
+    assert {"mapo", "diffusion_dpo", "sft"} <= set(objectives.names())
+    assert {"sd", "sdxl"} <= set(pipelines.names())
+    assert "digit_classifier" in rewards.names()
+    assert dict(objectives.describe())["mapo"].startswith("MaPO")
+
+
+def test_unknown_name_lists_known():
+    with pytest.raises(KeyError, match="known objectives: .*mapo"):
+        objectives.get("nope")
+
+
+def test_third_party_objective_via_entry_point(tmp_path, monkeypatch):
+    pkg = tmp_path / "my_plugin"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(textwrap.dedent('''
+        from genalign.objectives.base import Objective, ObjectiveParams, LossOutput
+        class Hinge(Objective):
+            """Hinge loss on the pair margin (a plug-in)."""
+            class Config(ObjectiveParams):
+                margin: float = 1.0
+    '''))
+    dist = tmp_path / "my_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[genalign.objectives]\nhinge = my_plugin:Hinge\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    # Re-scan entry points of the real registry (restored after the test).
+    reg = objectives
+    monkeypatch.setattr(reg, "_entries", dict(reg._entries))
+    monkeypatch.setattr(reg, "_loaded", False)
+    assert "hinge" in reg.names() and "mapo" in reg.names()
+    cls = reg.get("hinge")
+    assert cls.__name__ == "Hinge" and cls.Config().margin == 1.0
+    assert "plug-in" in dict(reg.describe())["hinge"]
+    sys.modules.pop("my_plugin", None)
+
+
+def test_decorator_rejects_a_second_class_under_one_name():
+    reg = Registry("reward", "genalign.none")
+
+    @reg.register("r")
+    class A:
+        pass
+
+    with pytest.raises(ValueError):
+        @reg.register("r")
+        class B:
+            pass
