@@ -99,7 +99,7 @@ class RewardItem(Strict):
 
     name: str
     weight: float = 1.0
-    normalize: Literal["none", "zscore", "rank"] = "none"
+    normalize: Literal["none", "zscore", "rank", "running"] = "none"
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 

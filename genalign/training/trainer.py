@@ -96,18 +96,12 @@ def micro_batch_indices(n: int, micro_step: int, batch_size: int, rank: int, wor
 
 
 # -- rewards / validation ------------------------------------------------------------------------------------
-def build_rewards(items, device) -> dict[str, Any]:
-    """``{name: Reward}`` for the config's reward list (constructor kwargs from each item)."""
-    from genalign.rewards import get
+def build_rewards(items, device):
+    """The config's reward list as a :class:`~genalign.rewards.composite.CompositeReward` (weights and
+    normalisation per member; every member also scored on its own)."""
+    from genalign.rewards.composite import CompositeReward
 
-    out = {}
-    for it in items:
-        kwargs = dict(it.kwargs)
-        try:
-            out[it.name] = get(it.name, device=device, **kwargs)
-        except TypeError:
-            out[it.name] = get(it.name, **kwargs).to(device)
-    return out
+    return CompositeReward.from_specs([it.model_dump() for it in items], device=device).eval()
 
 
 @torch.no_grad()
@@ -120,18 +114,20 @@ def evaluate_rewards(model, rewards: dict, prompts: list[str], vcfg, accelerator
     expanded = [p for p in prompts for _ in range(vcfg.samples_per_prompt)]
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     mine = list(range(rank, len(expanded), world))
-    sums = torch.zeros(len(rewards) + 1, dtype=torch.float64)
+    names = list(rewards.names)
+    sums = torch.zeros(len(names) + 1, dtype=torch.float64)
     for i in range(0, len(mine), vcfg.batch_size):
         idx = mine[i:i + vcfg.batch_size]
         gens = [torch.Generator().manual_seed(vcfg.seed + j) for j in idx]
         imgs = model.sample([expanded[j] for j in idx], num_inference_steps=vcfg.num_inference_steps,
                             guidance_scale=vcfg.guidance_scale, generator=gens, batch_size=len(idx))
-        for k, (name, r) in enumerate(rewards.items()):
-            sums[k] += r.score(imgs.to(model.device), [expanded[j] for j in idx]).double().sum().item()
+        comps = rewards.components(imgs.to(model.device), [expanded[j] for j in idx])
+        for k, name in enumerate(names):
+            sums[k] += comps[name].detach().double().sum().item()
         sums[-1] += len(idx)
     if accelerator is not None and world > 1:
         sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
-    return {name: float(sums[k] / sums[-1]) for k, name in enumerate(rewards)}
+    return {name: float(sums[k] / sums[-1]) for k, name in enumerate(names)}
 
 
 # -- the loop ------------------------------------------------------------------------------------------------
@@ -390,8 +386,8 @@ def _load_training_pairs(cfg: RunConfig, model, rewards: dict, run_dir: Path, ac
 
     cache = run_dir / "data" / "onpolicy_pairs.pt"
     if acc.is_main_process and not cache.exists():
-        name = src.reward or cfg.rewards[0].name
-        reward = rewards[name] if name in rewards else build_rewards([type(cfg.rewards[0])(name=name)], acc.device)[name]
+        # Rank by the composite (weighted, normalised members) unless one reward is named.
+        reward = rewards if src.reward is None else build_rewards([type(cfg.rewards[0])(name=src.reward)], acc.device)
         pairs = generate_onpolicy_pairs(model, reward, load_prompts(src.prompts), src.samples_per_prompt, src.rounds,
                                         src.min_reward_gap, src.num_inference_steps, src.guidance_scale, seed=cfg.seed)
         cache.parent.mkdir(parents=True, exist_ok=True)
