@@ -17,6 +17,10 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 
+# Which ``data.source.kind`` values feed each objective ``data_kind`` (objectives may set ``data_sources``).
+DATA_SOURCES_BY_KIND = {"pairs": ("onpolicy", "preference"), "prompts": ("prompts",), "images": ("images",)}
+
+
 class ConfigError(ValueError):
     """A config file or override is invalid; the message is one line: ``file: key: value: reason``."""
 
@@ -78,6 +82,29 @@ class PreferenceData(Strict):
     random_crop: bool = False
 
 
+class PromptsData(Strict):
+    """Prompt-only data (DI*, R0, DRAGON online generation)."""
+
+    kind: Literal["prompts"] = "prompts"
+    prompts: str = Field("digits:train", description="digits:train | parti | parti:<Category> | prompt file")
+
+
+class ImagesData(Strict):
+    """Real images with captions (and optional condition images): DDO's real data, Ctrl-U's (image, condition).
+
+    ``source``: ``digits:train`` (the real digits with digit prompts), a folder of images with ``metadata.jsonl``
+    (``file_name``, ``prompt``, optional ``condition`` file) or a `datasets` hub id / parquet folder.
+    """
+
+    kind: Literal["images"] = "images"
+    source: str = "digits:train"
+    image_column: str = "image"
+    caption_column: str = "prompt"
+    condition_column: str | None = None
+    max_images: int | None = Field(None, ge=1)
+    hflip: bool = False
+
+
 def _source_kind(v: Any) -> str:
     """``kind`` of a data source; a mapping without ``kind`` is on-policy (the default)."""
     if isinstance(v, dict):
@@ -88,7 +115,8 @@ def _source_kind(v: Any) -> str:
 class DataConfig(Strict):
     """Where training examples come from; ``cache_latents`` encodes images/text once (a step runs the UNet only)."""
 
-    source: Annotated[Union[Annotated[OnPolicyData, Tag("onpolicy")], Annotated[PreferenceData, Tag("preference")]],
+    source: Annotated[Union[Annotated[OnPolicyData, Tag("onpolicy")], Annotated[PreferenceData, Tag("preference")],
+                            Annotated[PromptsData, Tag("prompts")], Annotated[ImagesData, Tag("images")]],
                       Discriminator(_source_kind)] = Field(default_factory=OnPolicyData)
     cache_latents: bool = True
     num_workers: int = Field(0, ge=0)
@@ -182,7 +210,7 @@ class RunConfig(Strict):
 def _format_error(err: ValidationError, source: str, prefix: str = "") -> str:
     e = err.errors()[0]
     # Drop pydantic's tagged-union markers so the key reads like the YAML path.
-    loc = [str(p) for p in e["loc"] if str(p) not in ("onpolicy", "preference")]
+    loc = [str(p) for p in e["loc"] if str(p) not in ("onpolicy", "preference", "prompts", "images")]
     key = ".".join(([prefix] if prefix else []) + loc) or "(root)"
     value = e.get("input")
     if isinstance(value, dict):
@@ -277,6 +305,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         params = obj_cls.Config.model_validate(cfg.objective.model_extra or {})
     except ValidationError as err:
         raise ConfigError(_format_error(err, source, prefix="objective")) from None
+    kinds = getattr(obj_cls, "data_sources", None) or DATA_SOURCES_BY_KIND.get(obj_cls.data_kind)
+    if kinds and cfg.data.source.kind not in kinds:
+        raise ConfigError(f"{source}: data.source.kind: {cfg.data.source.kind!r}: objective {cfg.objective.name!r} "
+                          f"needs one of {', '.join(kinds)}")
     # Keep the validated, defaults-filled parameters so the saved config is fully resolved.
     cfg.objective = ObjectiveConfig(name=cfg.objective.name, **params.model_dump())
     for i, item in enumerate(cfg.rewards):

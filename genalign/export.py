@@ -54,7 +54,9 @@ def export_pipeline(model, cfg, out_dir: str | Path, summary: dict | None = None
     try:
         unet = getattr(model, "_raw_unet", model.unet)
         pipe_cls = type(model.pipe)
-        if cfg.pipeline.lora is not None:
+        if hasattr(model, "write_export"):  # adapters with their own layout (ControlNet, few-step generators)
+            model.write_export(tmp, cfg)
+        elif cfg.pipeline.lora is not None:
             lora = lora_state_dict(unet)
             lora_dir = tmp / "_lora"
             pipe_cls.save_lora_weights(str(lora_dir), unet_lora_layers=lora, safe_serialization=True)

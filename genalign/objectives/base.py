@@ -12,7 +12,8 @@ one noise draw and one timestep per pair, repeated for winner and loser; a singl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import Any, Callable, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -34,8 +35,43 @@ class LossOutput:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class Phase:
+    """One alternating update of a step (DI*: fake-score then generator): its parameters, loss and optimizer.
+
+    Attributes:
+        name: logged as ``<name>/<metric>`` when an objective has more than one phase.
+        params: the parameters this phase's optimizer updates.
+        loss: ``loss(batch, generator) -> LossOutput``.
+        learning_rate: overrides ``train.learning_rate`` for this phase when set.
+    """
+
+    name: str
+    params: list[torch.nn.Parameter]
+    loss: Callable[[dict[str, Any], torch.Generator | None], LossOutput]
+    learning_rate: float | None = None
+
+
+@dataclass
+class TrainContext:
+    """What an objective may use to build its data: the run config, model, rewards, run folder, accelerator."""
+
+    cfg: Any
+    model: Any
+    rewards: Any
+    run_dir: Path
+    accelerator: Any
+
+
 class Objective:
     """Base class. Subclasses set the class attributes, a nested ``Config`` and implement :meth:`loss`.
+
+    The trainer talks to an objective only through the hooks below, so a new method is one new file:
+
+    - :meth:`build_data` → an object with ``n`` (rows) and ``batch(idx)`` (model-ready dict);
+    - :meth:`phases` → the alternating updates of one step (default: one phase, :meth:`loss`);
+    - :meth:`trainable_modules` → modules prepared by Accelerate and saved in checkpoints;
+    - :meth:`sample` → images for validation rewards; :meth:`state_dict` → online state kept in checkpoints.
 
     Args:
         config: an instance of the subclass's ``Config``.
@@ -52,10 +88,36 @@ class Objective:
         self.model = model
 
     def loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> LossOutput:
-        raise NotImplementedError
+        """The objective on one micro-batch (subclasses implement it)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement loss() or phases()")
+
+    def build_data(self, ctx: TrainContext):
+        """Training data for this objective; default: preference pairs (offline or on-policy), latents cached."""
+        from genalign.data.batches import build_default_data
+
+        return build_default_data(ctx, self.data_kind)
+
+    def phases(self) -> list[Phase]:
+        """The updates of one training step, in order (default: one phase over the adapter's trainable params)."""
+        return [Phase("main", self.model.trainable_parameters(), self.loss)]
+
+    def trainable_modules(self) -> list[torch.nn.Module]:
+        """Modules holding trainable parameters (prepared by Accelerate, saved in checkpoints)."""
+        return [self.model.unet]
+
+    def use_prepared(self, modules: list[torch.nn.Module]) -> None:
+        """Receive the Accelerate-wrapped modules (same order as :meth:`trainable_modules`) for the forward pass."""
+        self.model._raw_unet = self.model.unet
+        self.model.unet = modules[0]
+
+    def sample(self, prompts: list[str], vcfg, generators: list[torch.Generator]) -> torch.Tensor:
+        """Images ``(N, 3, H, W)`` in [0, 1] for validation; default: the pipeline's own sampler."""
+        return self.model.sample(prompts, num_inference_steps=vcfg.num_inference_steps,
+                                 guidance_scale=vcfg.guidance_scale, generator=generators, batch_size=len(prompts))
 
     def state_dict(self) -> dict[str, Any]:
-        """Objective state saved in checkpoints (online objectives: normalisers, buffers). Empty by default."""
+        """Objective state saved in checkpoints (online objectives: normalisers, reference round, buffers).
+        Tensors, numbers, strings, lists and dicts only (it is loaded with ``weights_only=True``)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -1,7 +1,7 @@
 """Atomic checkpoints on every rank, and finding the latest complete one.
 
 Layout: ``RUN_DIR/checkpoints/step_000050/`` holding Accelerate's ``save_state`` files (optimizer, RNG states,
-registered objects), ``trainable.safetensors`` (only the trained parameters: LoRA or the full UNet),
+registered objects), ``trainable.safetensors`` (+ ``trainable_1.safetensors``... for extra trained modules; only the trained parameters: LoRA or the full UNet), ``objective_state.pt``,
 ``trainer_state.json``, ``config.yaml`` and a ``COMPLETE`` marker. It is written under ``.tmp-step_000050`` and
 renamed when complete, so a killed run never leaves a checkpoint that ``--resume latest`` would pick up half-written.
 """
@@ -46,6 +46,11 @@ def resolve_resume(run_dir: str | Path, resume: str | None) -> Path | None:
     if not (p / MARKER).exists():
         raise FileNotFoundError(f"--resume {resume!r}: not a complete genalign checkpoint (no {MARKER} marker)")
     return p
+
+
+def trainable_file(i: int) -> str:
+    """File name of the i-th trainable module's parameters in a checkpoint."""
+    return "trainable.safetensors" if i == 0 else f"trainable_{i}.safetensors"
 
 
 def save_trainable(module: torch.nn.Module, path: str | Path) -> None:

@@ -20,6 +20,9 @@ from typing import Any
 import torch
 
 from genalign.config import RunConfig, save_config
+from genalign.data.batches import micro_batch_indices
+from genalign.data.prompts import load_prompts
+from genalign.objectives.base import TrainContext
 from genalign.training import checkpoint as ckpt
 
 logger = logging.getLogger(__name__)
@@ -27,72 +30,6 @@ logger = logging.getLogger(__name__)
 
 class NonFiniteLossError(FloatingPointError):
     """A NaN/inf loss with ``train.on_nan: halt``; the message names the step and batch ids."""
-
-
-# -- data --------------------------------------------------------------------------------------------------
-class CachedPairs:
-    """Pairs as model inputs: latents ``(N, C, h, w)`` for chosen / rejected and text conditioning for N rows.
-
-    With ``cache_latents`` the VAE and text encoders run once here, so a training step runs the UNet only;
-    without it, images and prompts are kept and encoded per batch.
-    """
-
-    def __init__(self, model, pairs, cache: bool = True, batch_size: int = 32, encode_seed: int = 0):
-        self.model, self.pairs, self.cache = model, pairs, cache
-        self.n = len(pairs)
-        self.encode_seed = encode_seed
-        if cache:
-            g = torch.Generator(device="cpu").manual_seed(encode_seed)
-            lw, ll, conds = [], [], []
-            for i in range(0, self.n, batch_size):
-                sl = slice(i, i + batch_size)
-                lw.append(self._encode(pairs.chosen[sl], g).cpu())
-                ll.append(self._encode(pairs.rejected[sl], g).cpu())
-                conds.append(self._cond(list(range(i, min(i + batch_size, self.n)))))
-            self.latents_w, self.latents_l = torch.cat(lw), torch.cat(ll)
-            self.cond = {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
-
-    def _encode(self, images, g):
-        # The VAE posterior sample needs a CPU generator for determinism on any device.
-        x = images.to(self.model.device) * 2 - 1
-        dist = self.model.vae.encode(x.float()).latent_dist
-        eps = torch.randn(dist.mean.shape, generator=g).to(dist.mean.device)
-        latents = dist.mean + dist.std * eps
-        shift = getattr(self.model.vae.config, "shift_factor", None) or 0.0
-        return (latents - shift) * self.model.vae.config.scaling_factor
-
-    @torch.no_grad()
-    def _cond(self, idx: list[int]) -> dict[str, torch.Tensor]:
-        cond = self.model.encode_prompt([self.pairs.prompts[i] for i in idx])
-        extra = self.model.pair_extra_cond({"original_sizes": self.pairs.original_sizes[idx],
-                                            "crop_top_lefts": self.pairs.crop_top_lefts[idx]})
-        cond.update(extra)
-        return {k: v.cpu() for k, v in cond.items()}
-
-    def batch(self, idx: torch.Tensor) -> dict[str, Any]:
-        """Model-ready batch for pair indices ``idx`` (on the model's device)."""
-        dev = self.model.device
-        if self.cache:
-            return {"latents_w": self.latents_w[idx].to(dev), "latents_l": self.latents_l[idx].to(dev),
-                    "cond": {k: v[idx].to(dev) for k, v in self.cond.items()}, "ids": idx.tolist()}
-        with torch.no_grad():
-            g = torch.Generator().manual_seed(self.encode_seed + int(idx[0]))
-            return {"latents_w": self._encode(self.pairs.chosen[idx], g), "latents_l": self._encode(self.pairs.rejected[idx], g),
-                    "cond": {k: v.to(dev) for k, v in self._cond(idx.tolist()).items()}, "ids": idx.tolist()}
-
-
-def micro_batch_indices(n: int, micro_step: int, batch_size: int, rank: int, world: int, seed: int) -> torch.Tensor:
-    """Indices of this rank's rows for a global micro-step: an endless stream of seeded epoch permutations, cut
-    into global batches of ``batch_size × world`` rows; rank r takes the r-th slice. A pure function (exact resume)."""
-    gbs = batch_size * world
-    start = micro_step * gbs + rank * batch_size
-    out = []
-    while len(out) < batch_size:
-        epoch, pos = divmod(start + len(out), n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        take = min(batch_size - len(out), n - pos)
-        out.extend(perm[pos:pos + take].tolist())
-    return torch.tensor(out)
 
 
 # -- rewards / validation ------------------------------------------------------------------------------------
@@ -105,7 +42,7 @@ def build_rewards(items, device):
 
 
 @torch.no_grad()
-def evaluate_rewards(model, rewards: dict, prompts: list[str], vcfg, accelerator=None) -> dict[str, float]:
+def evaluate_rewards(objective, rewards, prompts: list[str], vcfg, accelerator=None) -> dict[str, float]:
     """Mean reward per name over ``samples_per_prompt`` samples of each held-out prompt.
 
     Sample i always uses seed ``vcfg.seed + i`` (independent of batch size and number of ranks), so before/after
@@ -119,9 +56,8 @@ def evaluate_rewards(model, rewards: dict, prompts: list[str], vcfg, accelerator
     for i in range(0, len(mine), vcfg.batch_size):
         idx = mine[i:i + vcfg.batch_size]
         gens = [torch.Generator().manual_seed(vcfg.seed + j) for j in idx]
-        imgs = model.sample([expanded[j] for j in idx], num_inference_steps=vcfg.num_inference_steps,
-                            guidance_scale=vcfg.guidance_scale, generator=gens, batch_size=len(idx))
-        comps = rewards.components(imgs.to(model.device), [expanded[j] for j in idx])
+        imgs = objective.sample([expanded[j] for j in idx], vcfg, gens)
+        comps = rewards.components(imgs.to(objective.model.device), [expanded[j] for j in idx])
         for k, name in enumerate(names):
             sums[k] += comps[name].detach().double().sum().item()
         sums[-1] += len(idx)
@@ -142,7 +78,7 @@ class _StopFlag:
         self.stop = True
 
 
-def _make_optimizer(params, tcfg):
+def _make_optimizer(params, tcfg, learning_rate: float | None = None):
     if tcfg.use_8bit_adam:
         try:
             import bitsandbytes as bnb
@@ -151,7 +87,7 @@ def _make_optimizer(params, tcfg):
         cls = bnb.optim.AdamW8bit
     else:
         cls = torch.optim.AdamW
-    return cls(params, lr=tcfg.learning_rate, betas=(tcfg.adam_beta1, tcfg.adam_beta2),
+    return cls(params, lr=learning_rate or tcfg.learning_rate, betas=(tcfg.adam_beta1, tcfg.adam_beta2),
                weight_decay=tcfg.weight_decay, eps=tcfg.adam_epsilon)
 
 
@@ -206,8 +142,6 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: str | None = None, progre
     model = pipelines.get(cfg.pipeline.name).from_config(cfg.pipeline, device=acc.device, weight_dtype=weight_dtype)
     objective = objectives.get(cfg.objective.name)(cfg.objective_params(), model)
     rewards = build_rewards(cfg.rewards, acc.device)
-    from genalign.data.prompts import load_prompts
-
     val_prompts = load_prompts(cfg.validation.prompts, cfg.validation.max_prompts)
 
     # Reward of the base model on held-out prompts (cached in the run folder so a resume does not redo it).
@@ -215,37 +149,42 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: str | None = None, progre
     if before_file.exists():
         reward_before = json.loads(before_file.read_text())
     else:
-        reward_before = evaluate_rewards(model, rewards, val_prompts, cfg.validation, acc)
+        reward_before = evaluate_rewards(objective, rewards, val_prompts, cfg.validation, acc)
         if acc.is_main_process:
             _atomic_write(before_file, json.dumps(reward_before, indent=2))
 
-    pairs = _load_training_pairs(cfg, model, rewards, run_dir, acc)
-    data = CachedPairs(model, pairs, cache=cfg.data.cache_latents, encode_seed=cfg.seed)
+    data = objective.build_data(TrainContext(cfg, model, rewards, run_dir, acc))
 
-    raw_unet = model.unet
-    params = model.trainable_parameters()
-    optimizer = _make_optimizer(params, tcfg)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(tcfg))
+    # One optimizer + LR schedule per phase (DI*: fake score, generator); one for most objectives.
+    phases = objective.phases()
+    raw_modules = objective.trainable_modules()
+    optimizers = [_make_optimizer(ph.params, tcfg, ph.learning_rate) for ph in phases]
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, _lr_lambda(tcfg)) for o in optimizers]
+    all_params = [p for ph in phases for p in ph.params]
     ema = None
     if tcfg.ema_decay:
         from diffusers.training_utils import EMAModel
 
-        ema = EMAModel(params, decay=tcfg.ema_decay)
-    unet, optimizer = acc.prepare(raw_unet, optimizer)
-    model.unet = unet  # forward through the DDP wrapper; the reference pass uses the raw module
-    model._raw_unet = raw_unet
+        ema = EMAModel(all_params, decay=tcfg.ema_decay)
+    prepared = acc.prepare(*raw_modules, *optimizers)
+    prepared = list(prepared) if isinstance(prepared, (list, tuple)) else [prepared]
+    wrapped, optimizers = prepared[:len(raw_modules)], prepared[len(raw_modules):]
+    objective.use_prepared(wrapped)  # forward through DDP wrappers; reference passes use the raw modules
     state = {"step": 0}
-    acc.register_for_checkpointing(lr_sched)
+    for sch in schedulers:
+        acc.register_for_checkpointing(sch)
     if ema is not None:
         acc.register_for_checkpointing(ema)
 
     def save_hook(models, weights, output_dir):
         if acc.is_main_process:
-            ckpt.save_trainable(raw_unet, Path(output_dir) / "trainable.safetensors")
+            for i, m in enumerate(raw_modules):
+                ckpt.save_trainable(m, Path(output_dir) / ckpt.trainable_file(i))
         weights.clear()  # the frozen base is not duplicated into every checkpoint
 
     def load_hook(models, input_dir):
-        ckpt.load_trainable(raw_unet, Path(input_dir) / "trainable.safetensors")
+        for i, m in enumerate(raw_modules):
+            ckpt.load_trainable(m, Path(input_dir) / ckpt.trainable_file(i))
         models.clear()
 
     acc.register_save_state_pre_hook(save_hook)
@@ -258,7 +197,8 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: str | None = None, progre
         acc.save_state(str(tmp))  # every rank takes part
         acc.wait_for_everyone()
         if acc.is_main_process:
-            ts = {"step": step, "objective_state": objective.state_dict(), "seed": cfg.seed}
+            torch.save(objective.state_dict(), tmp / "objective_state.pt")
+            ts = {"step": step, "seed": cfg.seed, "objective": cfg.objective.name}
             ckpt.finalize_checkpoint(tmp, run_dir / "checkpoints" / ckpt.checkpoint_name(step), ts, config_yaml)
             ckpt.prune_checkpoints(run_dir, tcfg.checkpoints_total_limit)
         acc.wait_for_everyone()
@@ -268,7 +208,8 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: str | None = None, progre
         acc.load_state(str(resume_dir))
         ts = json.loads((resume_dir / "trainer_state.json").read_text())
         state["step"] = ts["step"]
-        objective.load_state_dict(ts.get("objective_state", {}))
+        if (resume_dir / "objective_state.pt").exists():
+            objective.load_state_dict(torch.load(resume_dir / "objective_state.pt", weights_only=True))
         if acc.is_main_process:
             console.print(f"resumed from {resume_dir} at step {state['step']}")
 
@@ -287,54 +228,63 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: str | None = None, progre
             step = state["step"]
             metrics_acc: dict[str, float] = {}
             skip = False
-            for a in range(accum):
-                micro = step * accum + a
-                idx = micro_batch_indices(data.n, micro, tcfg.batch_size, acc.process_index, acc.num_processes, cfg.seed)
-                batch = data.batch(idx)
-                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + micro * 1009 + acc.process_index)
-                with acc.accumulate(unet), acc.autocast():
-                    out = objective.loss(batch, gen)
-                    bad = acc.reduce(torch.tensor(float(not torch.isfinite(out.loss).all()), device=acc.device), "sum")
-                    if bad.item() > 0:
-                        if tcfg.on_nan == "halt":
-                            raise NonFiniteLossError(f"non-finite loss at step {step} (micro-step {micro}, pair ids "
-                                                     f"{batch['ids']}); set train.on_nan: skip to skip such steps")
-                        skip = True
-                        out.loss = out.loss.nan_to_num(0.0, 0.0, 0.0) * 0.0
-                    acc.backward(out.loss)
-                    if acc.sync_gradients and tcfg.max_grad_norm and not skip:
-                        acc.clip_grad_norm_(params, tcfg.max_grad_norm)
-                    if acc.sync_gradients and skip:
+            for k_phase, (phase, optimizer) in enumerate(zip(phases, optimizers)):
+                prefix = "" if len(phases) == 1 else f"{phase.name}/"
+                for a in range(accum):
+                    micro = step * accum + a
+                    idx = micro_batch_indices(data.n, micro, tcfg.batch_size, acc.process_index, acc.num_processes,
+                                              cfg.seed)
+                    batch = data.batch(idx)
+                    gen = torch.Generator().manual_seed(
+                        cfg.seed * 1_000_003 + micro * 1009 + k_phase * 101 + acc.process_index)
+                    with acc.accumulate(*wrapped), acc.autocast():
+                        out = phase.loss(batch, gen)
+                        # Every rank takes part in this reduce, so a NaN on one rank stops or skips all of them.
+                        bad = acc.reduce(torch.tensor(float(not torch.isfinite(out.loss).all()), device=acc.device), "sum")
+                        if bad.item() > 0:
+                            if tcfg.on_nan == "halt":
+                                raise NonFiniteLossError(
+                                    f"non-finite loss at step {step} (phase {phase.name}, micro-step {micro}, row ids "
+                                    f"{batch.get('ids')}); set train.on_nan: skip to skip such steps")
+                            skip = True
+                            out.loss = out.loss.nan_to_num(0.0, 0.0, 0.0) * 0.0
+                        acc.backward(out.loss)
+                        if acc.sync_gradients and tcfg.max_grad_norm and not skip:
+                            acc.clip_grad_norm_(phase.params, tcfg.max_grad_norm)
+                        if acc.sync_gradients and skip:
+                            optimizer.zero_grad(set_to_none=True)
+                        optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                for k, v in out.metrics.items():
-                    metrics_acc[k] = metrics_acc.get(k, 0.0) + v / accum
-                metrics_acc["loss"] = metrics_acc.get("loss", 0.0) + out.loss.item() / accum
+                    for k, v in out.metrics.items():
+                        metrics_acc[prefix + k] = metrics_acc.get(prefix + k, 0.0) + v / accum
+                    metrics_acc[prefix + "loss"] = metrics_acc.get(prefix + "loss", 0.0) + out.loss.item() / accum
             if skip:
                 skipped_steps += 1
                 logger.warning("step %d skipped: non-finite loss", step)
-            lr_sched.step()
+            for sch in schedulers:
+                sch.step()
             if ema is not None:
-                ema.step(params)
+                ema.step(all_params)
             state["step"] = step + 1
             last_metrics = {k: _mean_over_ranks(acc, v) for k, v in sorted(metrics_acc.items())}
-            last_metrics["lr"] = lr_sched.get_last_lr()[0]
+            last_metrics["lr"] = schedulers[-1].get_last_lr()[0]
+            loss_key = "loss" if "loss" in last_metrics else f"{phases[-1].name}/loss"
             if acc.is_main_process:
                 pbar.update(1)
-                pbar.set_postfix(loss=f"{last_metrics['loss']:.4f}")
+                pbar.set_postfix(loss=f"{last_metrics[loss_key]:.4f}")
             if state["step"] % tcfg.log_every == 0 or state["step"] == tcfg.steps:
                 history.append({"step": state["step"], **last_metrics})
                 logger.info("step %d %s", state["step"], last_metrics)
                 if trackers:
                     acc.log(last_metrics, step=state["step"])
             if cfg.validation.every and state["step"] % cfg.validation.every == 0 and state["step"] < tcfg.steps:
-                val = evaluate_rewards(model, rewards, val_prompts, cfg.validation, acc)
+                val = evaluate_rewards(objective, rewards, val_prompts, cfg.validation, acc)
+                history.append({"step": state["step"], **{f"val/reward/{k}": v for k, v in val.items()}})
                 logger.info("validation step %d %s", state["step"], val)
                 if trackers:
                     acc.log({f"val/reward/{k}": v for k, v in val.items()}, step=state["step"])
                 if acc.is_main_process:
-                    pbar.set_postfix(loss=f"{last_metrics['loss']:.4f}", **{k[:12]: f"{v:.3f}" for k, v in val.items()})
+                    pbar.set_postfix(loss=f"{last_metrics[loss_key]:.4f}", **{k[:12]: f"{v:.3f}" for k, v in val.items()})
             if (tcfg.checkpoint_every and state["step"] % tcfg.checkpoint_every == 0) or stop.stop:
                 save_checkpoint(state["step"])
             if stop.stop:
@@ -348,11 +298,11 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: str | None = None, progre
     if not ckpt.list_checkpoints(run_dir) or int(ckpt.list_checkpoints(run_dir)[-1].name.split("_")[1]) != state["step"]:
         save_checkpoint(state["step"])
     if ema is not None:
-        ema.copy_to(params)
-    reward_after = evaluate_rewards(model, rewards, val_prompts, cfg.validation, acc)
+        ema.copy_to(all_params)
+    reward_after = evaluate_rewards(objective, rewards, val_prompts, cfg.validation, acc)
     summary = {
         "objective": cfg.objective.name, "model": cfg.pipeline.model, "steps": state["step"],
-        "seconds": round(time.time() - t_start, 1), "num_pairs": data.n, "data_skipped": pairs.skipped,
+        "seconds": round(time.time() - t_start, 1), "num_rows": data.n, "data_skipped": getattr(data, "skipped", {}),
         "skipped_steps": skipped_steps, "reward_before": reward_before, "reward_after": reward_after,
         "heldout_prompts": cfg.validation.prompts, "samples_per_prompt": cfg.validation.samples_per_prompt,
         "final_metrics": last_metrics, "history": history,
@@ -369,33 +319,6 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: str | None = None, progre
     if trackers:
         acc.end_training()
     return summary
-
-
-def _load_training_pairs(cfg: RunConfig, model, rewards: dict, run_dir: Path, acc):
-    """Offline preference pairs, or on-policy pairs generated once (rank 0) and cached in ``RUN_DIR/data``."""
-    src = cfg.data.source
-    if src.kind == "preference":
-        from genalign.data.preference import load_preference_pairs
-
-        return load_preference_pairs(src.source, model.resolution, split=src.split, ties=src.ties,
-                                     max_pairs=src.max_pairs, hflip=src.hflip, pair_augment=src.pair_augment,
-                                     seed=cfg.seed)
-    from genalign.data.onpolicy import generate_onpolicy_pairs
-    from genalign.data.preference import PreferencePairs
-    from genalign.data.prompts import load_prompts
-
-    cache = run_dir / "data" / "onpolicy_pairs.pt"
-    if acc.is_main_process and not cache.exists():
-        # Rank by the composite (weighted, normalised members) unless one reward is named.
-        reward = rewards if src.reward is None else build_rewards([type(cfg.rewards[0])(name=src.reward)], acc.device)
-        pairs = generate_onpolicy_pairs(model, reward, load_prompts(src.prompts), src.samples_per_prompt, src.rounds,
-                                        src.min_reward_gap, src.num_inference_steps, src.guidance_scale, seed=cfg.seed)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        torch.save(pairs.__dict__, tmp)
-        tmp.replace(cache)
-    acc.wait_for_everyone()
-    return PreferencePairs(**torch.load(cache, weights_only=True))
 
 
 def _tracker_available(name: str) -> bool:
