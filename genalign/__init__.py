@@ -7,7 +7,8 @@ Data flows config → pipeline adapter → objective → trainer → export::
     summary = genalign.train(cfg, "runs/demo")          # writes runs/demo/export, summary.json
     genalign.export("runs/demo", "aligned-pipeline")      # re-export from the newest checkpoint
 
-Registries: ``genalign.objectives``, ``genalign.rewards``, ``genalign.pipelines`` (``.names()``, ``.get(name)``).
+Registries: ``from genalign.registry import objectives, rewards, pipelines`` (``.names()``, ``.get(name)``,
+``.describe()``); ``genalign.rewards.get(name, **kwargs)`` builds a reward.
 """
 
 from __future__ import annotations
@@ -34,12 +35,3 @@ def export(run_dir, out_dir, checkpoint="latest"):
     from genalign.export import export_run
 
     return export_run(run_dir, out_dir, checkpoint)
-
-
-def __getattr__(name):
-    # Registries load lazily so `import genalign` stays cheap.
-    if name in ("objectives", "rewards", "pipelines"):
-        from genalign import registry
-
-        return getattr(registry, name)
-    raise AttributeError(name)

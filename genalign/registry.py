@@ -13,6 +13,7 @@ The entry-point value is loaded lazily, the first time the name is looked up or 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -89,7 +90,8 @@ class Registry(Generic[T]):
             return
         self._loaded = True
         for module in self._builtin_modules:
-            importlib.import_module(module)
+            if importlib.util.find_spec(module) is not None:  # a family not written yet is simply absent
+                importlib.import_module(module)
         for ep in entry_points(group=self.group):
             if ep.name in self._entries and self._entries[ep.name].source == "builtin":
                 logger.warning("entry point %s=%s shadows the built-in %s", ep.name, ep.value, self.kind)
@@ -130,11 +132,12 @@ class Registry(Generic[T]):
 
 
 pipelines: Registry = Registry(
-    "pipeline", "genalign.pipelines", ("genalign.pipelines.sd", "genalign.pipelines.sdxl")
+    "pipeline", "genalign.pipelines",
+    tuple(f"genalign.pipelines.{m}" for m in ("sd", "sdxl", "few_step", "controlnet", "audio", "language")),
 )
 objectives: Registry = Registry(
-    "objective",
-    "genalign.objectives",
-    ("genalign.objectives.mapo", "genalign.objectives.dpo", "genalign.objectives.sft"),
+    "objective", "genalign.objectives",
+    tuple(f"genalign.objectives.{m}" for m in
+          ("mapo", "dpo", "sft", "di_star", "r0", "ddo", "dragon", "ctrl_u", "lm_dpo", "treg", "rrpo")),
 )
 rewards: Registry = Registry("reward", "genalign.rewards", ("genalign.rewards.builtin",))
