@@ -830,6 +830,8 @@ def run_lm_training(cfg: dict, output_dir: str) -> dict:
     tcfg.setdefault("gradient_checkpointing", False)
     tcfg.setdefault("max_length", dcfg.get("max_length", 1024))
     tcfg.setdefault("use_cpu", not torch.cuda.is_available())
+    # TRL's DPOConfig defaults to bf16 autocast even on CPU; genalign: bf16 on GPU, fp32 on CPU (README §5)
+    tcfg.setdefault("bf16", bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()))
     save_model = tcfg.pop("save_model", False)
     args = DPOConfig(output_dir=output_dir, **tcfg)
 
