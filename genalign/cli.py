@@ -3,7 +3,9 @@
     genalign train [CONFIG] [--output-dir DIR] [--resume latest|PATH] [--set key.sub=value ...]
     genalign generate MODEL --prompts SPEC [--out DIR] [--steps N] [--guidance-scale G] [--seed S]
     genalign export RUN_DIR OUT_DIR [--checkpoint latest|PATH]
-    genalign score SAMPLES --reward NAME [--reward NAME ...] [--out FILE]
+    genalign score --reward NAME[,NAME...] (--images DIR | --audio DIR | --run RUN_DIR) [--prompts FILE] [--out FILE]
+    genalign relabel PAIRS --reward NAME --out OUT.jsonl
+    genalign report RUN_DIR [--out report.html]
     genalign list [objectives|rewards|pipelines]
 
 Errors in user input (config, paths, missing weights) print one line and exit with status 2.
@@ -61,13 +63,54 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("out_dir")
     e.add_argument("--checkpoint", default="latest", help="latest | path of a checkpoint folder")
 
-    s = sub.add_parser("score", help="score samples with rewards",
-                       description="Score a folder of images (prompts from metadata.jsonl/prompts.jsonl with fields "
-                                   "file_name, prompt, or sidecar .txt files) with one or more rewards.")
-    s.add_argument("samples", help="folder of images or a jsonl file")
-    s.add_argument("--reward", action="append", required=True, help="reward name (repeatable); see `genalign list rewards`")
-    s.add_argument("--out", default=None, help="write per-sample scores (.jsonl or .csv)")
+    s = sub.add_parser("score", help="score samples with rewards", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Score a folder of images or audio files with one or more rewards: per-sample rows "
+                                   "(--out) and an aggregate table. Prompts come from metadata.jsonl / prompts.jsonl "
+                                   "(file_name, prompt), sidecar <stem>.txt files, or --prompts (a manifest matched by "
+                                   "file name, or a prompt list matched by the number in each file name). --run scores "
+                                   "a run's export on its held-out prompts (samples generated once, then reused).",
+                       epilog="examples:\n  genalign score --reward pickscore,hps-v2.1 --images samples/ --out scores.csv\n"
+                              "  genalign score --reward clap --audio clips/ --prompts prompts.txt\n"
+                              "  genalign score --run runs/quickstart            # the run's own rewards")
+    s.add_argument("samples", nargs="?", default=None, help="folder of samples or a jsonl manifest (same as --images)")
+    src = s.add_mutually_exclusive_group()
+    src.add_argument("--images", metavar="DIR", default=None, help="folder of images (or a jsonl manifest)")
+    src.add_argument("--audio", metavar="DIR", default=None, help="folder of audio files (.wav/.flac/.ogg)")
+    src.add_argument("--run", metavar="RUN_DIR", default=None,
+                     help="a run folder: generate (or reuse) its held-out samples and score them")
+    s.add_argument("--reward", action="append", default=None, metavar="NAME[,NAME...]",
+                   help="reward name(s), comma-separated or repeated; see `genalign list rewards` "
+                        "(default with --run: the run's config rewards)")
+    s.add_argument("--prompts", default=None, metavar="FILE", help="prompts file: manifest (.jsonl with file_name, "
+                   "prompt) or prompt list (.txt/.tsv/.jsonl)")
+    s.add_argument("--which", choices=["trained", "base", "both"], default="trained",
+                   help="with --run: score the export (trained), the base model, or both")
+    s.add_argument("--out", default=None, help="write per-sample scores (.csv, .jsonl, or .json for everything)")
     s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--device", default=None, help="torch device (default: cpu; cuda if given)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    rl = sub.add_parser("relabel", help="re-label preference pairs with a reward",
+                        description="Re-label a preference dataset (genalign jsonl + images, or Pick-a-Pic "
+                                    "parquet/arrow) with a reward: the higher-reward image becomes 'chosen'; pairs "
+                                    "with equal rewards are dropped and counted. Writes genalign's jsonl schema.")
+    rl.add_argument("pairs", help="jsonl file, folder of jsonl / parquet / arrow data, or a datasets hub id")
+    rl.add_argument("--reward", required=True, help="an instance image reward (see `genalign list rewards`)")
+    rl.add_argument("--out", required=True, help="output .jsonl (encoded images go to <stem>_images/ beside it)")
+    rl.add_argument("--split", default="train")
+    rl.add_argument("--max-pairs", type=int, default=None)
+    rl.add_argument("--batch-size", type=int, default=8)
+    rl.add_argument("--device", default=None)
+    rl.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    rp = sub.add_parser("report", help="write a run's self-contained HTML report",
+                        description="Write one self-contained HTML page for a run: before/after sample grids per "
+                                    "held-out prompt (base model vs export, same seeds), reward curves over training, "
+                                    "the resolved config and the final reward table.")
+    rp.add_argument("run_dir")
+    rp.add_argument("--out", default=None, help="output .html (default: RUN_DIR/report.html)")
+    rp.add_argument("--no-samples", action="store_true", help="skip generating the sample grids")
+    rp.add_argument("--device", default=None)
 
     ls = sub.add_parser("list", help="list registered objectives, rewards and pipelines")
     ls.add_argument("what", nargs="?", choices=["objectives", "rewards", "pipelines"], default=None)
@@ -78,12 +121,42 @@ def _cmd_train(args) -> int:
     from genalign.config import load_config
     from genalign.training.trainer import train
 
+    lm = _lm_objective(args.config)
+    if lm is not None:  # (video-)LM objectives train on TRL with their own config sections
+        import yaml
+
+        from genalign.config import ConfigError, apply_overrides
+
+        raw = apply_overrides(yaml.safe_load(Path(args.config).read_text()) or {}, args.overrides)
+        out = args.output_dir or str(Path("runs") / Path(args.config).stem)
+        try:
+            summary = lm.run_training(raw, out)
+        except (ValueError, KeyError) as err:
+            raise ConfigError(f"{args.config}: {str(err).splitlines()[0]}") from None
+        print(f"run folder: {out}  ({', '.join(f'{k}={v}' for k, v in list(summary.items())[:4])})")
+        return 0
     cfg = load_config(args.config, args.overrides)
     out = args.output_dir or str(Path("runs") / (Path(args.config).stem if args.config else "quickstart"))
     summary = train(cfg, out, resume=args.resume, progress=not args.quiet)
     if "stopped_at" not in summary:
         print(f"run folder: {out}  (export: {out}/export, summary: {out}/summary.json)")
     return 0
+
+
+def _lm_objective(config: str | None):
+    """The registered LM objective class named by ``config``'s ``objective.name``, or None (diffusion configs)."""
+    if not config or not Path(config).exists():
+        return None
+    import yaml
+
+    from genalign.registry import objectives
+
+    try:
+        name = ((yaml.safe_load(Path(config).read_text()) or {}).get("objective") or {}).get("name")
+    except (yaml.YAMLError, AttributeError):
+        return None  # load_config reports it
+    cls = objectives.get(name) if name in objectives else None
+    return cls if getattr(cls, "family", None) == "lm" else None
 
 
 def _cmd_generate(args) -> int:
@@ -125,16 +198,90 @@ def _cmd_export(args) -> int:
     return 0
 
 
-def _cmd_score(args) -> int:
-    from genalign.scoring import score_samples, write_scores
+def _user_errors(fn):
+    """Report unknown reward names / unmatched prompts (KeyError, ValueError) as one line, exit status 2."""
+    import functools
 
-    res = score_samples(args.samples, [{"name": r} for r in args.reward], batch_size=args.batch_size)
-    for k, v in res["mean"].items():
-        print(f"{k}: {v:.4f}")
-    if res.get("skipped"):
-        print(f"skipped {res['skipped']} unreadable files")
+    @functools.wraps(fn)
+    def wrapped(args) -> int:
+        from genalign.config import ConfigError
+
+        try:
+            return fn(args)
+        except KeyError as err:
+            raise ConfigError(str(err.args[0]) if err.args else repr(err)) from None
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    return wrapped
+
+
+@_user_errors
+def _cmd_score(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from genalign.config import ConfigError
+    from genalign.scoring import run_samples, score_samples, write_scores
+
+    names = [n.strip() for r in (args.reward or []) for n in r.split(",") if n.strip()]
+    if args.samples and (args.images or args.audio or args.run):
+        raise ConfigError("give the samples either positionally or with --images/--audio/--run, not both")
+    specs: list = [{"name": n} for n in names]
+    folders: list[tuple[str, str]] = []
+    modality = "audio" if args.audio else "image" if (args.images or args.samples) else "auto"
+    if args.run:
+        if not specs:
+            from genalign.config import load_config
+
+            specs = [it.model_dump() for it in load_config(Path(args.run) / "config.yaml").rewards]
+        for which in (["base", "trained"] if args.which == "both" else [args.which]):
+            folders.append((which, str(run_samples(args.run, which, device=args.device, progress=not args.quiet))))
+    elif args.images or args.audio or args.samples:
+        folders.append(("samples", args.images or args.audio or args.samples))
+    else:
+        raise ConfigError("nothing to score: give --images DIR, --audio DIR or --run RUN_DIR")
+    if not specs:
+        raise ConfigError("give at least one --reward NAME (see `genalign list rewards`)")
+    console = Console()
+    results = {}
+    for label, folder in folders:
+        results[label] = res = score_samples(folder, specs, batch_size=args.batch_size, device=args.device,
+                                             prompts=args.prompts, modality=modality, progress=not args.quiet)
+        table = Table(title=f"{folder}: {len(res['per_sample'])} {res['modality']} sample(s)"
+                            + (f", {res['skipped']} unreadable skipped" if res["skipped"] else ""))
+        for col in ("reward", "n", "mean", "std", "min", "max"):
+            table.add_column(col, justify="left" if col == "reward" else "right")
+        for k, st in res["stats"].items():
+            table.add_row(k + (" (set)" if k in res["set"] else ""), str(st["n"]),
+                          *(f"{st[c]:.4f}" for c in ("mean", "std", "min", "max")))
+        console.print(table)
     if args.out:
-        write_scores(res, args.out)
+        if len(results) == 1:
+            out = write_scores(next(iter(results.values())), args.out)
+        else:  # --which both: one file, a "model" column
+            merged = {"per_sample": [{"model": k, **r} for k, res in results.items() for r in res["per_sample"]],
+                      "runs": results}
+            out = write_scores(merged, args.out)
+        console.print(f"wrote {out}")
+    return 0
+
+
+@_user_errors
+def _cmd_relabel(args) -> int:
+    from genalign.scoring import relabel_pairs
+
+    st = relabel_pairs(args.pairs, args.reward, args.out, batch_size=args.batch_size, split=args.split,
+                       max_pairs=args.max_pairs, device=args.device, progress=not args.quiet)
+    print(f"wrote {st['pairs']} pairs to {st['out']}; dropped {st['ties']} ties, {st['unreadable_images']} with "
+          f"unreadable images, {st['bad_rows']} bad rows; reward agrees with the original label on "
+          f"{st['agreement']:.1%} ({st['flipped']} flipped)")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from genalign.report import write_report
+
+    print(f"wrote {write_report(args.run_dir, args.out, samples=not args.no_samples, device=args.device)}")
     return 0
 
 
@@ -175,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     from genalign.rewards.base import WeightsNotFoundError
 
     handlers = {"train": _cmd_train, "generate": _cmd_generate, "export": _cmd_export, "score": _cmd_score,
+                "relabel": _cmd_relabel, "report": _cmd_report,
                 "list": _cmd_list}
     try:
         return handlers[args.command](args)

@@ -178,6 +178,7 @@ class ExportConfig(Strict):
 
     enabled: bool = True
     merge_lora: bool = True
+    report: bool = Field(True, description="write RUN_DIR/report.html (before/after grids, reward curves)")
 
 
 class ObjectiveConfig(BaseModel):
