@@ -129,8 +129,11 @@ def _cmd_train(args) -> int:
 
         raw = apply_overrides(yaml.safe_load(Path(args.config).read_text()) or {}, args.overrides)
         out = args.output_dir or str(Path("runs") / Path(args.config).stem)
+        from genalign.training.trl_trainers import run_lm_training
+
+        raw["objective"] = {**(raw.get("objective") or {}), "name": lm.loss_type}
         try:
-            summary = lm.run_training(raw, out)
+            summary = run_lm_training(raw, out)
         except (ValueError, KeyError) as err:
             raise ConfigError(f"{args.config}: {str(err).splitlines()[0]}") from None
         print(f"run folder: {out}  ({', '.join(f'{k}={v}' for k, v in list(summary.items())[:4])})")

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from genalign.objectives.rrpo import segment_ids_from_diff, segment_ids_from_tags, tag_token_variants
+from genalign.data.segments import segment_ids_from_diff, segment_ids_from_tags, tag_token_variants
 
 logger = logging.getLogger(__name__)
 

@@ -192,25 +192,12 @@ from genalign.registry import objectives as OBJECTIVES  # noqa: E402
 
 class LMObjective:
     """Base of the (video-)language-model objectives. They train through TRL's DPOTrainer subclasses in
-    :mod:`genalign.training.trl_trainers`; ``genalign train`` dispatches their configs (sections ``objective``,
-    ``model``, ``data``, ``train``) to :meth:`run_training`."""
+    :mod:`genalign.training.trl_trainers`; ``genalign train`` sends their configs (sections ``objective``,
+    ``model``, ``data``, ``train``) to ``run_lm_training`` with ``objective.name = loss_type``."""
 
     family = "lm"
     data_kind = "token-pairs"
     loss_type = "dpo"
-
-    @classmethod
-    def run_training(cls, raw: dict, output_dir) -> dict:
-        """Run ``raw`` (a parsed YAML config) end to end; returns the summary dict.
-
-        Raises:
-            ValueError: unknown objective / model / data keys (one line naming them).
-        """
-        from genalign.training.trl_trainers import run_lm_training
-
-        raw = dict(raw)
-        raw["objective"] = {**(raw.get("objective") or {}), "name": cls.loss_type}
-        return run_lm_training(raw, str(output_dir))
 
 
 @OBJECTIVES.register("dpo", "DPO for (video-)LMs on TRL (Rafailov et al. 2023), sequence-level baseline")
