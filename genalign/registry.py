@@ -138,6 +138,6 @@ pipelines: Registry = Registry(
 objectives: Registry = Registry(
     "objective", "genalign.objectives",
     tuple(f"genalign.objectives.{m}" for m in
-          ("mapo", "dpo", "sft", "di_star", "r0", "ddo", "dragon", "ctrl_u", "lm_dpo", "treg", "rrpo")),
+          ("mapo", "dpo", "sft", "di_star", "r0", "ddo", "dragon", "ctrl_u", "rpo", "treg", "rrpo")),
 )
 rewards: Registry = Registry("reward", "genalign.rewards", ("genalign.rewards.builtin",))

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from genalign.objectives.lm_dpo import masked_sum
+from genalign.objectives.rpo import masked_sum
 
 __all__ = [
     "rrpo_loss",
@@ -240,7 +240,7 @@ from genalign.data.segments import (  # noqa: E402,F401
     tag_token_variants,
 )
 
-from genalign.objectives.lm_dpo import LMObjective  # noqa: E402
+from genalign.objectives.rpo import LMObjective  # noqa: E402
 from genalign.registry import objectives as OBJECTIVES  # noqa: E402
 
 

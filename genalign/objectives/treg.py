@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from genalign.objectives.lm_dpo import masked_sum
+from genalign.objectives.rpo import masked_sum
 
 __all__ = [
     "treg_loss",
@@ -203,7 +203,7 @@ def simpo_treg_loss(
     return out
 
 
-from genalign.objectives.lm_dpo import LMObjective  # noqa: E402
+from genalign.objectives.rpo import LMObjective  # noqa: E402
 from genalign.registry import objectives as OBJECTIVES  # noqa: E402
 
 

@@ -69,7 +69,7 @@ from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
 from trl.trainer.dpo_trainer import DataCollatorForPreference  # noqa: E402
 from trl.trainer.utils import use_adapter  # noqa: E402
 
-from genalign.objectives.lm_dpo import F_DIVERGENCES, SFT_REDUCTIONS, fdpo_loss, masked_sum, rpo_loss  # noqa: E402
+from genalign.objectives.rpo import F_DIVERGENCES, SFT_REDUCTIONS, fdpo_loss, masked_sum, rpo_loss  # noqa: E402
 from genalign.objectives.rrpo import (  # noqa: E402
     rrpo_loss,
     segment_ids_from_diff,

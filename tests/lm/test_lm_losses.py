@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from genalign.objectives.lm_dpo import dpo_loss, f_divergence_scores, fdpo_loss, rpo_loss
+from genalign.objectives.rpo import dpo_loss, f_divergence_scores, fdpo_loss, rpo_loss
 from genalign.objectives.rrpo import rrpo_loss, token_kl_from_logits
 from genalign.objectives.treg import (
     simpo_treg_loss,

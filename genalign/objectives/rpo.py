@@ -205,7 +205,7 @@ class DPO(LMObjective):
     loss_type = "dpo"
 
 
-@OBJECTIVES.register("rpo", "RPO: DPO + NLL on the chosen response (Pang et al. 2024), on TRL")
+@OBJECTIVES.register("rpo", "RPO: DPO + NLL on the chosen response (Liu et al. 2024), on TRL")
 class RPO(LMObjective):
     loss_type = "rpo"
 
