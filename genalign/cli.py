@@ -174,6 +174,17 @@ def _cmd_generate(args) -> int:
     model = args.model
     if (Path(model) / "export" / "model_index.json").exists():
         model = str(Path(model) / "export")
+    out = Path(args.out)
+    from genalign.pipelines.audio import audio_adapter_for, generate_audio_files
+
+    audio = audio_adapter_for(model)
+    if audio is not None:  # text-to-music: WAV files
+        prompts = [p for p in load_prompts(args.prompts, args.max_prompts) for _ in range(args.num_per_prompt)]
+        out.mkdir(parents=True, exist_ok=True)
+        rows = generate_audio_files(audio, prompts, out, args.steps, args.guidance_scale, args.seed, args.batch_size)
+        (out / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        print(f"wrote {len(rows)} WAV files to {out}")
+        return 0
     pipe = load_diffusers_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
     prompts = [p for p in load_prompts(args.prompts, args.max_prompts) for _ in range(args.num_per_prompt)]

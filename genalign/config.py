@@ -66,7 +66,7 @@ class OnPolicyData(Strict):
     reward: str | None = Field(None, description="reward name used for ranking; None = first of `rewards`")
     min_reward_gap: float = Field(0.0, ge=0, description="drop pairs whose best-worst reward gap is smaller")
     num_inference_steps: int = Field(25, ge=1)
-    guidance_scale: float = Field(1.0, ge=0)
+    guidance_scale: float = Field(5.0, ge=0, description="CFG scale (1 = off); 5.0 = MaPO's validation value")
 
 
 class PreferenceData(Strict):
@@ -168,7 +168,7 @@ class ValidationConfig(Strict):
     samples_per_prompt: int = Field(4, ge=1)
     every: int = Field(0, ge=0, description="validate every N steps; 0 = only before and after training")
     num_inference_steps: int = Field(25, ge=1)
-    guidance_scale: float = Field(1.0, ge=0)
+    guidance_scale: float = Field(5.0, ge=0, description="CFG scale (1 = off); 5.0 = MaPO's validation value")
     batch_size: int = Field(16, ge=1)
     seed: int = 1234
 

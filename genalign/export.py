@@ -74,7 +74,10 @@ def export_pipeline(model, cfg, out_dir: str | Path, summary: dict | None = None
         else:
             model.pipe.unet = unet
             model.pipe.save_pretrained(str(tmp))
-        (tmp / "README.md").write_text(model_card(cfg, summary))
+        card = model_card(cfg, summary)
+        if hasattr(model, "model_card_extra"):  # adapters may add a section (few-step usage, value provenance)
+            card += model.model_card_extra(cfg)
+        (tmp / "README.md").write_text(card)
         (tmp / "genalign_config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         if out_dir.exists():
             old = out_dir.with_name(out_dir.name + ".old")
@@ -133,7 +136,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "late
         raise FileNotFoundError(f"{run_dir}: no complete checkpoint under checkpoints/ to export")
     cfg = load_config(ck / "config.yaml")
     model = pipelines.get(cfg.pipeline.name).from_config(cfg.pipeline)
-    load_trainable(model.unet, ck / "trainable.safetensors")
+    # adapters whose trained network is not the UNet (ControlNet) name it in ``trainable_module``
+    load_trainable(getattr(model, "trainable_module", None) or model.unet, ck / "trainable.safetensors")
     summary_file = run_dir / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else None
     return export_pipeline(model, cfg, out_dir, summary)

@@ -68,11 +68,16 @@ class CachedPairs:
                     "cond": {k: v.to(dev) for k, v in self._cond(idx.tolist()).items()}, "ids": idx.tolist()}
 
 
+def row_offset(micro_step: int, batch_size: int, rank: int, world: int) -> int:
+    """Position in the row stream where this rank's micro-batch starts (also seeds its noise, so N ranks with
+    accumulation A and one rank with accumulation N·A see the same rows *and* the same noise)."""
+    return micro_step * batch_size * world + rank * batch_size
+
+
 def micro_batch_indices(n: int, micro_step: int, batch_size: int, rank: int, world: int, seed: int) -> torch.Tensor:
     """Indices of this rank's rows for a global micro-step: an endless stream of seeded epoch permutations, cut
     into global batches of ``batch_size × world`` rows; rank r takes the r-th slice. A pure function (exact resume)."""
-    gbs = batch_size * world
-    start = micro_step * gbs + rank * batch_size
+    start = row_offset(micro_step, batch_size, rank, world)
     out = []
     while len(out) < batch_size:
         epoch, pos = divmod(start + len(out), n)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from genalign.config import RunConfig, save_config
-from genalign.data.batches import micro_batch_indices
+from genalign.data.batches import micro_batch_indices, row_offset
 from genalign.data.prompts import load_prompts
 from genalign.objectives.base import TrainContext
 from genalign.training import checkpoint as ckpt
@@ -127,7 +127,9 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: str | None = None, progre
     mp = tcfg.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    # cpu=True lets Accelerate run multi-process on CPU (gloo) under torchrun / accelerate launch.
     acc = Accelerator(gradient_accumulation_steps=tcfg.gradient_accumulation_steps, mixed_precision=mp,
+                      cpu=not torch.cuda.is_available(),
                       log_with=trackers or None,
                       project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")))
     set_seed(cfg.seed)
@@ -235,8 +237,8 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: str | None = None, progre
                     idx = micro_batch_indices(data.n, micro, tcfg.batch_size, acc.process_index, acc.num_processes,
                                               cfg.seed)
                     batch = data.batch(idx)
-                    gen = torch.Generator().manual_seed(
-                        cfg.seed * 1_000_003 + micro * 1009 + k_phase * 101 + acc.process_index)
+                    offset = row_offset(micro, tcfg.batch_size, acc.process_index, acc.num_processes)
+                    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + offset * 1009 + k_phase * 101)
                     with acc.accumulate(*wrapped), acc.autocast():
                         out = phase.loss(batch, gen)
                         # Every rank takes part in this reduce, so a NaN on one rank stops or skips all of them.
@@ -266,6 +268,8 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: str | None = None, progre
             if ema is not None:
                 ema.step(all_params)
             state["step"] = step + 1
+            if hasattr(objective, "on_step_end"):  # round boundaries (DDO self-play, DRAGON on-policy rounds)
+                objective.on_step_end(state["step"], optimizers)
             last_metrics = {k: _mean_over_ranks(acc, v) for k, v in sorted(metrics_acc.items())}
             last_metrics["lr"] = schedulers[-1].get_last_lr()[0]
             loss_key = "loss" if "loss" in last_metrics else f"{phases[-1].name}/loss"
@@ -307,12 +311,18 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: str | None = None, progre
         "heldout_prompts": cfg.validation.prompts, "samples_per_prompt": cfg.validation.samples_per_prompt,
         "final_metrics": last_metrics, "history": history,
     }
+    if hasattr(objective, "summary_metrics"):  # objective-specific evaluation (DRAGON win rate, DDO rounds)
+        summary["objective_metrics"] = objective.summary_metrics()
     if acc.is_main_process and cfg.export.enabled:
         from genalign.export import export_pipeline
 
         export_pipeline(model, cfg, run_dir / "export", summary=summary)
     if acc.is_main_process:
         _atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
+        if cfg.export.report:
+            from genalign.report import write_report
+
+            write_report(run_dir, device=acc.device)
         if progress:
             _print_table(console, reward_before, reward_after, summary)
     acc.wait_for_everyone()
