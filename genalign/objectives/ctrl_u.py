@@ -31,6 +31,12 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from genalign.rewards.condition import (  # noqa: E402  shared with the condition rewards
+    normalize_depth_by_max,
+    per_image_condition_reward as _per_image_reward,
+    per_pixel_condition_loss as _per_pixel_loss,
+)
+
 
 __all__ = [
     "CtrlUConfig",
@@ -42,6 +48,11 @@ __all__ = [
     "pair_rows",
     "normalize_depth_by_max",
     "TASKS",
+    "ConditionData",
+    "load_condition_rows",
+    "CtrlU",
+    "ControlNetPP",
+    "ControlNetSFT",
 ]
 
 TASKS = ("segmentation", "depth", "hed", "lineart")
@@ -145,26 +156,6 @@ def _validate_preds(pred: torch.Tensor, target: torch.Tensor, task: str, ignore_
                 f"{task} predictions and target must both be (B, C, H, W) detector maps, got "
                 f"{tuple(pred.shape)} and {tuple(target.shape)}"
             )
-
-
-def _per_pixel_loss(pred: torch.Tensor, target: torch.Tensor, task: str, ignore_index: int) -> torch.Tensor:
-    """l(p), (B, H, W): CE (seg, 0 at ignored pixels), squared error (depth), channel-mean squared error (edges)."""
-    if task == "segmentation":
-        return F.cross_entropy(pred, target.long(), ignore_index=ignore_index, reduction="none")
-    if task == "depth":
-        return (pred - target.to(torch.float32)) ** 2
-    return ((pred - target.to(torch.float32)) ** 2).mean(dim=1)
-
-
-def _per_image_reward(
-    l: torch.Tensor, target: torch.Tensor, task: str, ignore_index: int, weight: Optional[torch.Tensor] = None
-) -> torch.Tensor:
-    if weight is not None:
-        l = l * weight
-    if task == "segmentation":
-        valid = (target != ignore_index).to(torch.float32)
-        return (valid * l).sum(dim=(-1, -2)) / (valid.sum(dim=(-1, -2)) + _GATE_EPS)
-    return l.mean(dim=(-1, -2))
 
 
 def controlnet_pp_reward_loss(
@@ -344,9 +335,303 @@ def pair_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x], dim=0)
 
 
-def normalize_depth_by_max(depth: torch.Tensor) -> torch.Tensor:
-    """Divide each (H, W) depth map of a (B, H, W) tensor by its per-image max ([code] depth reward preprocessing)."""
-    if depth.ndim != 3:
-        raise ValueError(f"depth must be (B, H, W), got {tuple(depth.shape)}")
-    d = depth.to(torch.float32)
-    return d / d.flatten(1).amax(dim=1).view(-1, 1, 1)
+class ConditionData:
+    """(image, condition, caption) rows as model inputs: cached latents, text conditioning, condition images and
+    the reward target of each condition.
+
+    Attributes:
+        n: rows. latents: ``(N, 4, h, w)`` scaled VAE posterior samples (drawn once with a seeded generator —
+            the official code re-samples every step; [recon]). conditions: ``(N, 3, H, W)`` in [0, 1].
+        targets: reward target per row (``reward.target_from_condition``): labels ``(N, H, W)`` int64, depth
+            ``(N, H, W)``, edges ``(N, 1, H, W)``. cond: text conditioning dict of ``(N, ...)`` tensors.
+        prompts, labels (digits only), skipped (rows dropped while loading, by reason).
+    """
+
+    def __init__(self, model, images: torch.Tensor, prompts: list[str], conditions: torch.Tensor, reward,
+                 labels: torch.Tensor | None = None, skipped: dict | None = None, seed: int = 0, chunk: int = 64):
+        self.model, self.prompts, self.labels = model, list(prompts), labels
+        self.skipped = dict(skipped or {})
+        self.n = len(self.prompts)
+        self.conditions = conditions.float().cpu()
+        g = torch.Generator().manual_seed(seed)
+        lat, conds, tg = [], [], []
+        with torch.no_grad():
+            for i in range(0, self.n, chunk):
+                x = images[i:i + chunk].to(model.device)
+                lat.append(model.encode(x, generator=g).cpu())
+                conds.append({k: v.cpu() for k, v in model.encode_prompt(self.prompts[i:i + chunk]).items()})
+                c = self.conditions[i:i + chunk].to(model.device)
+                real = x if reward.task in ("hed", "lineart") else None  # edges: detector on the real image (§4)
+                tg.append(reward.target_from_condition(c, real).cpu())
+        self.latents = torch.cat(lat)
+        self.cond = {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+        self.targets = torch.cat(tg)
+
+    def batch(self, idx: torch.Tensor) -> dict[str, Any]:
+        """``{"latents": (B, 4, h, w), "cond": {..., "controlnet_cond": (B, 3, H, W)}, "target", "ids"}``."""
+        dev = self.model.device
+        cond = {k: v[idx].to(dev) for k, v in self.cond.items()}
+        cond["controlnet_cond"] = self.conditions[idx].to(dev)
+        return {"latents": self.latents[idx].to(dev), "cond": cond, "target": self.targets[idx].to(dev),
+                "ids": idx.tolist()}
+
+
+def load_condition_rows(source: str, resolution: int, reward, condition: str = "derive",
+                        condition_column: str | None = None, image_column: str = "image",
+                        caption_column: str = "prompt", max_images: int | None = None, seed: int = 0):
+    """Real images, prompts and condition images ``(N, 3, H, W)`` in [0, 1] from an ``images`` data source.
+
+    Args:
+        source: ``digits:train`` / ``digits:test``, a folder with ``metadata.jsonl`` (``file_name``, ``prompt``,
+            ``condition``), a parquet folder or a `datasets` id (see :func:`genalign.data.images.load_image_data`).
+        reward: the condition reward (its detector makes conditions when ``condition="derive"``).
+        condition: "derive" (condition = ``reward.condition_from_image(real image)``, card §4 HED/lineart and the
+            digits demo) or "dataset" (read ``condition_column``).
+
+    Returns:
+        ``(images, prompts, conditions, labels_or_None, skipped)``.
+
+    Raises:
+        ValueError: ``condition="dataset"`` without a condition column in the data.
+    """
+    from genalign.data.images import load_image_data
+
+    data = load_image_data(source, resolution, image_column=image_column, caption_column=caption_column,
+                           condition_column=condition_column if condition == "dataset" else None,
+                           max_images=max_images, seed=seed)
+    if condition == "dataset":
+        if data.conditions is None:
+            raise ValueError(f"data.source {source!r}: objective.condition 'dataset' needs condition images "
+                             "(data.source.condition_column); use condition: derive to make them with the reward")
+        conds = data.conditions
+    else:
+        p = next(iter(reward.parameters()), None)
+        dev = p.device if p is not None else torch.device("cpu")
+        conds = torch.cat([reward.condition_from_image(data.images[i:i + 64].to(dev)).cpu()
+                           for i in range(0, len(data), 64)])
+    return data.images, data.prompts, conds, data.labels, data.skipped
+
+
+# ==============================================================================================================
+# Objectives: ctrl_u (uncertainty-weighted), controlnet_pp (unweighted ControlNet++), controlnet_sft (no reward)
+# ==============================================================================================================
+import logging  # noqa: E402
+from typing import Any, Literal  # noqa: E402
+
+from pydantic import Field  # noqa: E402
+
+from genalign.objectives.base import LossOutput, Objective, ObjectiveParams  # noqa: E402
+from genalign.registry import objectives as _OBJECTIVES  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+class ControlNetParams(ObjectiveParams):
+    """Fields shared by the ControlNet objectives (data, condition reward, ControlNet init)."""
+
+    reward: str = Field("digit_stroke_mask", description="condition reward (reward registry; a ConditionReward)")
+    reward_kwargs: dict[str, Any] = Field(default_factory=dict, description="its constructor args (weights, tiny...)")
+    condition: Literal["derive", "dataset"] = Field(
+        "derive", description="derive: condition = reward detector on the real image (digits, hed/lineart); "
+                              "dataset: read data.source.condition_column")
+    init_controlnet: str = Field("unet", description="'unet' (ControlNetModel.from_unet), 'pipeline' (the base "
+                                                     "folder's own ControlNet) or a ControlNet folder / hub id "
+                                                     "[unknown → rec.] (official init undocumented, card §3)")
+    val_source: str = Field("digits:test", description="held-out (image, condition) source for validation sampling")
+
+
+class ControlNetPPParams(ControlNetParams):
+    """ControlNet++ reward-consistency fields (ctrl_u.md §2.1)."""
+
+    grad_scale: float = Field(1.0, ge=0, description="λ, reward weight [code] (ControlNet++: ADE20K 0.5, depth 1.0; "
+                                                    "Ctrl-U: ADE20K 0.1, COCO-Stuff 0.2, depth/edges 1.0)")
+    t_min: int = Field(0, ge=0, description="inclusive reward gate [code]")
+    t_max: int = Field(400, ge=0, description="inclusive reward gate [code] (Ctrl-U 400; ControlNet++ 200)")
+    lambda_ramp_steps: int | None = Field(5000, gt=0, description="λ(s) = min(1, s/ramp)·λ [code] seg/depth; "
+                                                                  "null = constant (hed/lineart, ControlNet++)")
+    ignore_index: int = Field(255, description="segmentation ignore label [code]")
+    gate_rows: bool = Field(True, description="decode/score only gated rows (exact optimisation) [recon]")
+
+
+class CtrlUParams(ControlNetPPParams):
+    """Ctrl-U uncertainty fields (ctrl_u.md §2.2–2.4)."""
+
+    u_scale: float = Field(0.1, ge=0, description="[code] ADE20K 1.0, others 0.1")
+    u_scale_in_exponent: bool | None = Field(None, description="None = task default [code] (True for segmentation)")
+    reg_scale: float | None = Field(None, ge=0, description="None = task default [code] (seg 1.0, else u_scale)")
+    delta_t: int = Field(1, ge=0, description="auxiliary timestep t + δ [code] --add_timestep")
+    max_timestep: int = Field(999, ge=0, description="t + δ clamped [code]")
+
+
+class _ControlNetObjective(Objective):
+    """Shared plumbing of the ControlNet objectives: condition reward, data, step counter, sampling, modules."""
+
+    Config = ControlNetParams
+    data_kind = "images"
+    data_sources = ("images",)
+    needs_reward = False
+    paired = False  # Ctrl-U: 2B rows [t; t+δ]
+    use_reward = False
+
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        if not hasattr(model, "controlnet"):
+            raise ValueError(f"objective {type(self).__name__}: needs `pipeline.name: controlnet` (got adapter "
+                             f"{type(model).__name__})")
+        model.set_controlnet(config.init_controlnet)
+        from genalign.rewards.composite import _build_reward
+        from genalign.rewards.condition import ConditionReward
+
+        self.reward = _build_reward(config.reward, dict(config.reward_kwargs), {}, model.device)
+        if not isinstance(self.reward, ConditionReward):
+            raise ValueError(f"objective.reward: {config.reward!r} is not a condition reward (ConditionReward)")
+        self.task = self.reward.task
+        if self.use_reward and not self.reward.differentiable:
+            logger.warning("objective.reward %r is not differentiable: the reward terms give no gradient "
+                           "(ctrl_u.md §6.7)", config.reward)
+        self._calls = 0
+        self._accum = 1
+        self._val = None
+
+    # -- data -------------------------------------------------------------------------------------------------
+    def build_data(self, ctx) -> ConditionData:
+        """(image, condition, caption) rows from ``data.source`` (kind ``images``), latents cached."""
+        src = ctx.cfg.data.source
+        self._accum = ctx.cfg.train.gradient_accumulation_steps
+        images, prompts, conds, labels, skipped = load_condition_rows(
+            src.source, self.model.resolution, self.reward, self.config.condition, src.condition_column,
+            src.image_column, src.caption_column, src.max_images, seed=ctx.cfg.seed)
+        return ConditionData(self.model, images, prompts, conds, self.reward, labels, skipped, seed=ctx.cfg.seed)
+
+    @property
+    def step(self) -> int:
+        """Completed optimizer steps s (micro-batch calls // gradient accumulation)."""
+        return self._calls // max(1, self._accum)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"loss_calls": int}`` (the λ-ramp step counter), saved in checkpoints."""
+        return {"loss_calls": self._calls}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self._calls = int(state.get("loss_calls", 0))
+
+    def trainable_modules(self) -> list[torch.nn.Module]:
+        """The raw ControlNet (prepared by Accelerate, saved in checkpoints)."""
+        return [self.model._raw_controlnet]
+
+    def use_prepared(self, modules: list[torch.nn.Module]) -> None:
+        """Forward through the Accelerate-wrapped ControlNet."""
+        self.model.controlnet = modules[0]
+
+    def validation_conditions(self, prompts: list[str]) -> torch.Tensor:
+        """A held-out condition ``(N, 3, H, W)`` per prompt from ``val_source``: for digit prompts, the
+        i-th held-out digit of the prompted class; otherwise rows in order (cyclic)."""
+        if self._val is None:
+            images, vprompts, conds, labels, _ = load_condition_rows(
+                self.config.val_source, self.model.resolution, self.reward, self.config.condition,
+                seed=1)
+            self._val = (conds, labels)
+        conds, labels = self._val
+        out = []
+        for i, p in enumerate(prompts):
+            j = i % len(conds)
+            if labels is not None:
+                from genalign.data.digits import digit_of_prompt
+
+                try:
+                    rows = (labels == digit_of_prompt(p)).nonzero()[:, 0]
+                    j = int(rows[i % len(rows)])
+                except ValueError:
+                    pass
+            out.append(conds[j])
+        return torch.stack(out)
+
+    def sample(self, prompts: list[str], vcfg, generators) -> torch.Tensor:
+        """Validation images ``(N, 3, H, W)`` in [0, 1] conditioned on held-out conditions (see
+        :meth:`validation_conditions`)."""
+        return self.model.sample(prompts, self.validation_conditions(prompts),
+                                 num_inference_steps=vcfg.num_inference_steps, guidance_scale=vcfg.guidance_scale,
+                                 generator=generators, batch_size=len(prompts))
+
+    # -- loss -------------------------------------------------------------------------------------------------
+    def loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> LossOutput:
+        """L_diff (+ λ(s)·reward term (+ regulariser)) on one micro-batch (ctrl_u.md §2)."""
+        from genalign.pipelines.base import repeat_cond
+
+        m, c = self.model, self.config
+        z0, cond, target = batch["latents"], batch["cond"], batch["target"]
+        B = z0.shape[0]
+        step = self.step
+        self._calls += 1
+        noise = torch.randn(z0.shape, generator=generator).to(z0.device)
+        t = torch.randint(0, m.num_train_timesteps, (B,), generator=generator).to(z0.device)
+        if self.paired:  # [code] cat(t, min(t + δ, 999)); latents, noise, text, condition duplicated
+            t_all = make_timestep_pair(t, c.delta_t, c.max_timestep)
+            z, n, cond_all = pair_rows(z0), pair_rows(noise), repeat_cond(cond, 2)
+        else:
+            t_all, z, n, cond_all = t, z0, noise, cond
+        x_t = m.add_noise(z, n, t_all)
+        pred = m.predict(x_t, t_all, cond_all)
+        diff = F.mse_loss(pred.float(), m.target(z, n, t_all).float())  # [code] mean over the whole batch
+        metrics = {"diff_loss": diff.item()}
+        if not self.use_reward:
+            return LossOutput(diff, metrics)
+        lam = lambda_ramp(step, c.grad_scale, c.lambda_ramp_steps)
+        gate = (t >= c.t_min) & (t <= c.t_max)
+        idx = gate.nonzero()[:, 0] if c.gate_rows else torch.arange(B, device=t.device)
+        metrics.update({"lambda": lam, "num_gated": float(gate.sum())})
+        if idx.numel() == 0:  # nothing in the gate: reward and regulariser are exactly 0 ([code] ε denominator)
+            metrics.update({"reward_loss": 0.0, "reward_loss_weighted": 0.0, "reg_loss": 0.0})
+            return LossOutput(diff, metrics)
+        rows = torch.cat([idx, idx + B]) if self.paired else idx
+        x0 = m.x0_from_prediction(x_t[rows], pred[rows], t_all[rows])
+        images = m.decode(x0)  # [code] gradient flows through the VAE decoder; clamp to [0, 1]
+        rp = self.reward.predict(images)
+        tgt = target[idx]
+        rp, tgt_all = self.reward.align(rp, torch.cat([tgt, tgt]) if self.paired else tgt)
+        k = idx.numel()
+        tgt = tgt_all[:k]
+        if self.paired:
+            r_loss, reg, U = ctrl_u_reward_terms(
+                rp[:k], rp[k:], tgt, t[idx], self.task, c.t_min, c.t_max, c.u_scale,
+                u_scale_in_exponent=c.u_scale_in_exponent, reg_scale=c.reg_scale, ignore_index=c.ignore_index)
+            metrics.update({"reg_loss": reg.item(), "uncertainty": U.detach().mean().item()})
+        else:
+            r_loss, _ = controlnet_pp_reward_loss(rp, tgt, t[idx], self.task, c.t_min, c.t_max,
+                                                  ignore_index=c.ignore_index)
+            reg = torch.zeros((), device=diff.device)
+        loss = diff + lam * r_loss + reg
+        metrics.update({"reward_loss": r_loss.item(), "reward_loss_weighted": lam * r_loss.item()})
+        return LossOutput(loss, metrics)
+
+
+@_OBJECTIVES.register("controlnet_sft", "ControlNet baseline: diffusion loss only (no reward term)")
+class ControlNetSFT(_ControlNetObjective):
+    """Plain ControlNet training on (image, condition, caption): L = mse(ε̂, ε) over the batch. The baseline
+    "trained without the reward term" of the Ctrl-U comparison (the condition reward only makes conditions
+    and validation inputs)."""
+
+    Config = ControlNetParams
+
+
+@_OBJECTIVES.register("controlnet_pp", "ControlNet++: diffusion loss + λ·reward consistency (unweighted)")
+class ControlNetPP(_ControlNetObjective):
+    """ControlNet++ (Li et al., ECCV 2024): L = L_diff + λ(s)·L_reward on B rows, L_reward from
+    :func:`controlnet_pp_reward_loss` (gated, unweighted). Source: ``liming-ai/ControlNet_Plus_Plus@9ffe264``
+    ``train/reward_control.py`` L1504–1521. The λ ramp defaults to Ctrl-U's (5000 steps) so the two differ
+    only by the uncertainty; set ``lambda_ramp_steps: null`` for ControlNet++'s constant λ."""
+
+    Config = ControlNetPPParams
+    use_reward = True
+
+
+@_OBJECTIVES.register("ctrl_u", "Ctrl-U: uncertainty-weighted reward consistency for ControlNet (ICLR 2025)")
+class CtrlU(_ControlNetObjective):
+    """Ctrl-U (Zhang et al., ICLR 2025): 2B rows at [t; min(t+δ, 999)] with shared noise; L = L_diff (all 2B
+    rows) + λ(s)·mean_p[l·exp(−U)] + reg·mean_p U on the primary rows (:func:`ctrl_u_reward_terms`). Source:
+    ``grenoble-zhang/Ctrl-U@704d51d`` ``train/ctrlu-reward.py`` / ``ctrlu-depth.py`` / ``ctrlu-hed.py``."""
+
+    Config = CtrlUParams
+    use_reward = True
+    paired = True

@@ -1,0 +1,1 @@
+"""Evaluation helpers (controllability metrics of conditional generation: :mod:`genalign.evaluation.condition`)."""
