@@ -435,3 +435,279 @@ def di_star_fake_score_loss(
     per_sample = ((eps.to(torch.float32) - noise.to(torch.float32)) ** 2).flatten(1).mean(dim=1)
     loss = per_sample.mean()
     return loss, {"loss": loss.detach(), "fake_loss": loss.detach()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The trainer objective (phases: fake-score update, then generator update)
+# --------------------------------------------------------------------------------------------------------------
+
+import contextlib  # noqa: E402
+import copy  # noqa: E402
+from typing import Any, Iterator, Literal  # noqa: E402
+
+from pydantic import Field, model_validator  # noqa: E402
+
+from genalign.objectives.base import LossOutput, Objective, ObjectiveParams, Phase  # noqa: E402
+from genalign.registry import objectives as OBJECTIVES  # noqa: E402
+
+
+def require_few_step(model, objective: str) -> None:
+    """Raise ValueError unless ``model`` is a ``few_step`` adapter (:mod:`genalign.pipelines.few_step`)."""
+    if not hasattr(model, "generate_latents"):
+        raise ValueError(f"objective {objective!r} trains a one-/few-step generator: use `pipeline.name: few_step` "
+                         f"(got the {type(model).__name__} adapter)")
+
+
+@contextlib.contextmanager
+def frozen_parameters(params) -> Iterator[None]:
+    """Temporarily set ``requires_grad=False`` on ``params`` (restored on exit).
+
+    Autograd records whether a leaf needs a gradient when the forward runs, so a network called inside this
+    context passes gradients to its *inputs* only, even if the backward runs after the context has exited. This is
+    how the generator phase keeps ψ frozen without detaching the fake network's output (di_star.md §2.2).
+    """
+    params = list(params)
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+
+
+def load_generator_init(unet: torch.nn.Module, source: str) -> None:
+    """Load generator weights (e.g. DMD2's ``dmd2_sdxl_1step_unet_fp16.bin``) into ``unet`` in place.
+
+    Args:
+        unet: the generator UNet (full fine-tune; LoRA-wrapped UNets have different keys).
+        source: a Diffusers UNet folder, a ``.safetensors`` file or a torch ``.bin`` / ``.pt`` state dict.
+
+    Raises:
+        FileNotFoundError: ``source`` does not exist. RuntimeError: keys or shapes do not match.
+    """
+    from pathlib import Path
+
+    p = Path(source)
+    if not p.exists():
+        raise FileNotFoundError(f"objective.generator_init: {source!r} not found (a UNet folder or state-dict file)")
+    if p.is_dir():
+        from diffusers import UNet2DConditionModel
+
+        state = UNet2DConditionModel.from_pretrained(str(p)).state_dict()
+    elif p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(p))
+    else:
+        state = torch.load(str(p), map_location="cpu", weights_only=True)
+    with torch.no_grad():
+        unet.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
+
+
+@OBJECTIVES.register("di_star", "Diff-Instruct*: one-step generator, reward + pseudo-Huber score divergence (Luo et al. 2025)")
+class DiffInstructStar(Objective):
+    """DI* on prompts: a one-step generator (the ``few_step`` adapter's UNet), a frozen CFG teacher and an online
+    fake-score network, updated in two phases per step, each with its own optimizer (di_star.md §2.4):
+
+    1. ``fake``: L_ψ = ‖ε_ψ(x_t) − ε‖² on *detached* one-step samples (:func:`di_star_fake_score_loss`).
+    2. ``generator``: L_G = −α·r(decode(x0)) + L_div (:func:`di_star_generator_loss`) with the teacher under CFG and
+       ψ frozen; gradients flow through both networks' inputs (neither output is detached) and through the VAE
+       decoder and the differentiable reward (the run's ``rewards`` composite, ``ctx.rewards``).
+
+    Teacher: ``pipeline.reference: frozen_copy`` (a frozen copy of the base UNet) or, with LoRA, the generator UNet
+    with adapters disabled (``adapter_off``). The fake network is a full trainable copy of the teacher. With
+    ``generator_init`` the generator starts from other weights (DI*-SDXL: DMD2-SDXL-1step) while teacher and fake
+    stay the base. Networks predicting v are converted to ε (ε = s·x_t + a·v) before the losses.
+
+    Raises:
+        ValueError: not a ``few_step`` adapter; ``adapter_off`` teacher with gradient checkpointing; a
+            ``generator_init`` with LoRA; α > 0 with a non-differentiable reward (at the first generator step).
+    """
+
+    class Config(ObjectiveParams):
+        alpha: float = Field(100.0, ge=0, description="reward scale α (README α_rev) [card]")
+        guidance_scale: float = Field(7.5, ge=0, description="teacher CFG (README α_cfg) [card]")
+        cfg_convention: Literal["omega", "omega_minus_one"] = Field(
+            "omega", description="α_cfg = ω (diffusers) or ω − 1 [unknown → rec.] omega")
+        cfg_placement: Literal["in", "out"] = Field("in", description="In-CFG (best in README) | Out-CFG ablation [card]")
+        distance: Literal["pseudo_huber", "l2"] = Field("pseudo_huber", description="[2nd] pseudo-Huber; l2 = SiD")
+        units: Literal["epsilon", "score"] = Field("epsilon", description="divergence units [unknown → rec.] epsilon")
+        huber_c: float | None = Field(None, ge=0, description="c; None = 0.00054·sqrt(D) in ε units [unknown → rec.]")
+        weight: float = Field(1.0, ge=0, description="w(t) (constant) [unknown → rec.] w_ε = 1")
+        surrogate: Literal["sim", "exact"] = Field(
+            "sim", description="card/SIM surrogate (default) or 'exact' (+d(y), exact gradient when teacher and "
+                               "generator spreads differ) [recon]")
+        detach_direction: bool = Field(False, description="ablation only (biased) [recon]")
+        t_min: int = Field(20, ge=0, description="t ~ U{t_min..t_max} [unknown → rec.] SiD-LSG 20")
+        t_max: int = Field(980, ge=0, description="[unknown → rec.] SiD-LSG 980")
+        init_timestep: int = Field(399, ge=0, description="one-step input timestep [card]/[code] DMD2 399")
+        fake_steps_per_generator_step: int = Field(
+            1, ge=1, le=1, description="k_fake [unknown → rec.] 1 (SiD-LSG); >1 not supported by the one-optimizer-"
+                                       "per-phase loop")
+        learning_rate_generator: float | None = Field(None, gt=0, description="None = train.learning_rate")
+        learning_rate_fake: float | None = Field(None, gt=0, description="None = train.learning_rate")
+        generator_init: str | None = Field(None, description="generator weights (UNet folder / state dict); None = "
+                                                             "the teacher's [card] DMD2-SDXL for DI*-SDXL")
+
+        @model_validator(mode="after")
+        def _check(self):
+            if self.t_min > self.t_max:
+                raise ValueError(f"t_min {self.t_min} > t_max {self.t_max}")
+            if self.units == "score" and self.distance == "pseudo_huber" and self.huber_c is None:
+                raise ValueError("units 'score' with pseudo_huber needs an explicit huber_c")
+            return self
+
+    needs_reference = True
+    needs_reward = True
+    data_kind = "prompts"
+    #: how each default is known (written into the exported model card); see docs/objectives/di_star_r0.md
+    provenance = {
+        "alpha": "[card] verified (README α_rev = 100 on SDXL)", "guidance_scale": "[card] verified value 7.5 on SDXL",
+        "cfg_convention": "[unknown → rec.]", "cfg_placement": "[card] In-CFG", "distance": "[2nd] pseudo-Huber",
+        "units": "[unknown → rec.]", "huber_c": "[unknown → rec.]", "weight": "[unknown → rec.]",
+        "surrogate": "[recon] card form; 'exact' adds +d(y)", "detach_direction": "[recon] ablation",
+        "t_min": "[unknown → rec.] SiD-LSG", "t_max": "[unknown → rec.] SiD-LSG",
+        "init_timestep": "[card]/[code] verified (DMD2 399)", "fake_steps_per_generator_step": "[unknown → rec.]",
+        "learning_rate_generator": "[unknown → rec.]", "learning_rate_fake": "[unknown → rec.]",
+        "generator_init": "[card] DMD2-SDXL-1step for DI*-SDXL",
+    }
+
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        require_few_step(model, "di_star")
+        c = config
+        model.configure_few_step(1, c.init_timestep, 0.0)
+        if c.t_max >= model.num_train_timesteps:
+            raise ValueError(f"objective.t_max {c.t_max} must be < {model.num_train_timesteps}")
+        if model.ref_unet is None:
+            if getattr(model.unet, "is_gradient_checkpointing", False):
+                raise ValueError("di_star with an adapter_off teacher cannot use gradient checkpointing (the "
+                                 "recomputed generator forward would run with adapters off); use "
+                                 "pipeline.reference: frozen_copy")
+            fake = copy.deepcopy(model.unet)
+            fake.unload_lora()
+        else:
+            fake = copy.deepcopy(model.ref_unet)
+        if c.generator_init:
+            if model.lora is not None:
+                raise ValueError("objective.generator_init needs a full fine-tune (pipeline.lora: null)")
+            load_generator_init(model.unet, c.generator_init)
+        self.fake = fake.to(model.device, torch.float32).requires_grad_(True).train()
+        self._fake_raw = self.fake
+        self.rewards = None
+        self._uncond = None
+
+    # -- hooks ------------------------------------------------------------------------------------------------
+    def build_data(self, ctx):
+        """Prompt batches (:class:`~genalign.data.batches.PromptData`); keeps ``ctx.rewards`` for the reward term."""
+        self.rewards = ctx.rewards
+        return super().build_data(ctx)
+
+    def trainable_modules(self) -> list[torch.nn.Module]:
+        """[generator UNet, fake-score UNet] (checkpoint files trainable.safetensors, trainable_1.safetensors)."""
+        return [self.model.unet, self._fake_raw]
+
+    def use_prepared(self, modules: list[torch.nn.Module]) -> None:
+        self.model._raw_unet = self.model.unet
+        self.model.unet = modules[0]
+        self.fake = modules[1]
+
+    def phases(self) -> list[Phase]:
+        """``fake`` (ψ, lr ``learning_rate_fake``) then ``generator`` (θ, lr ``learning_rate_generator``)."""
+        c = self.config
+        return [Phase("fake", [p for p in self._fake_raw.parameters() if p.requires_grad], self.fake_loss,
+                      c.learning_rate_fake),
+                Phase("generator", self.model.trainable_parameters(), self.generator_loss, c.learning_rate_generator)]
+
+    def sample(self, prompts, vcfg, generators):
+        """One-step samples (N, 3, H, W) in [0, 1], no CFG (the generator's own sampler)."""
+        return self.model.sample(prompts, generator=generators, batch_size=len(prompts))
+
+    # -- pieces -----------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def teacher(self) -> Iterator[torch.nn.Module]:
+        """The frozen teacher UNet, **with autograd enabled** (its parameters are frozen; inputs carry gradients)."""
+        if self.model.ref_unet is not None:
+            yield self.model.ref_unet
+            return
+        raw = getattr(self.model, "_raw_unet", self.model.unet)
+        raw.disable_adapters()
+        try:
+            yield raw
+        finally:
+            raw.enable_adapters()
+
+    def _eps(self, unet, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+        pred = self.model.predict(x_t, t.to(x_t.device), cond, unet=unet)
+        if self.model.prediction_type == "epsilon":
+            return pred.float()
+        return self.model.x0_eps(x_t, t, pred)[1]
+
+    def _uncond_for(self, n: int) -> dict[str, Any]:
+        if self._uncond is None:
+            self._uncond = self.model.encode_uncond(1)
+        return {k: (v.expand(n, *v.shape[1:]) if isinstance(v, torch.Tensor) else v) for k, v in self._uncond.items()}
+
+    def _one_step(self, batch: dict[str, Any], generator) -> torch.Tensor:
+        B = len(batch["prompts"])
+        z = torch.randn(self.model.latent_shape(B), generator=generator).to(self.model.device)
+        return self.model.generate_latents(z, batch["cond"], num_steps=1)[-1]
+
+    def _diffusion_noise(self, x0: torch.Tensor, generator):
+        c = self.config
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+        t = sample_timesteps(x0.shape[0], c.t_min, c.t_max, generator=generator, device=x0.device)
+        return noise, t
+
+    def fake_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> LossOutput:
+        """Phase 1: denoising loss of the fake network on detached one-step samples (no CFG)."""
+        with torch.no_grad():
+            x0 = self._one_step(batch, generator)
+        noise, t = self._diffusion_noise(x0, generator)
+        cond = batch["cond"]
+        loss, m = di_star_fake_score_loss(x0, noise, t, self.model.alphas_cumprod,
+                                          lambda x, tt: self._eps(self.fake, x, tt, cond))
+        return LossOutput(loss, {k: float(v) for k, v in m.items() if k != "loss"})
+
+    def generator_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> LossOutput:
+        """Phase 2: −α·reward + score divergence to the CFG teacher, ψ frozen, gradient through both networks."""
+        c = self.config
+        cond = batch["cond"]
+        B = len(batch["prompts"])
+        omega = effective_guidance_scale(c.guidance_scale, c.cfg_convention)
+        need_uncond = omega != 1.0
+        with frozen_parameters(self._fake_raw.parameters()):
+            x0 = self._one_step(batch, generator)
+            noise, t = self._diffusion_noise(x0, generator)
+            reward = None
+            extra: dict[str, float] = {}
+            if c.alpha > 0:
+                if self.rewards is None:
+                    raise ValueError("di_star: alpha > 0 needs the run's rewards (build_data(ctx) keeps ctx.rewards)")
+                if not getattr(self.rewards, "differentiable", True):
+                    raise ValueError("di_star: the reward must be differentiable (a rank-normalised or "
+                                     "non-differentiable member was configured)")
+                images = self.model.decode(x0)
+                reward = self.rewards(images, batch["prompts"])
+                extra = {k: float(v) for k, v in getattr(self.rewards, "last_metrics", {}).items()}
+            with self.teacher() as teacher:
+                def teacher_fn(x, tt):
+                    if not need_uncond:
+                        return None, self._eps(teacher, x, tt, cond)
+                    # one forward over 2B rows [∅; c] (same numbers as two calls, fewer kernel launches)
+                    both = {k: (torch.cat([u.to(cond[k].dtype), cond[k]]) if isinstance(cond.get(k), torch.Tensor)
+                                else cond.get(k, u)) for k, u in self._uncond_for(B).items()}
+                    eps_u, eps_c = self._eps(teacher, torch.cat([x, x]), torch.cat([tt, tt]), both).chunk(2)
+                    return eps_u, eps_c
+
+                loss, m = di_star_generator_loss(
+                    x0, noise, t, self.model.alphas_cumprod, lambda x, tt: self._eps(self.fake, x, tt, cond),
+                    teacher_fn, reward, alpha=c.alpha, guidance_scale=c.guidance_scale,
+                    cfg_convention=c.cfg_convention, cfg_placement=c.cfg_placement, distance=c.distance,
+                    units=c.units, huber_c=c.huber_c, weight=c.weight, detach_direction=c.detach_direction,
+                    surrogate=c.surrogate)
+        metrics = {k: float(v) for k, v in m.items() if k != "loss"}
+        metrics.update(extra)
+        return LossOutput(loss, metrics)

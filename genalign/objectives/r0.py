@@ -442,3 +442,153 @@ def langevin_perturb_(
     scale = math.sqrt(2.0 * lr * tau)
     for p in params:
         p.add_(scale * torch.randn(p.shape, generator=generator).to(p.device, p.dtype))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The trainer objective
+# --------------------------------------------------------------------------------------------------------------
+
+from typing import Any, Literal  # noqa: E402
+
+from pydantic import Field, model_validator  # noqa: E402
+
+from genalign.objectives.base import LossOutput, Objective, ObjectiveParams  # noqa: E402
+from genalign.registry import objectives as OBJECTIVES  # noqa: E402
+
+
+def lora_pairs(unet: torch.nn.Module, adapter: str = "default") -> List[Tuple[torch.Tensor, torch.Tensor, float]]:
+    """``(A, B, scale)`` of every peft LoRA layer of ``unet`` (conv weights flattened to 2-D), for
+    :func:`lora_delta_regularizer`. A: (r, in), B: (out, r), scale = lora_alpha / r. Empty list when no LoRA."""
+    out = []
+    for m in unet.modules():
+        la, lb = getattr(m, "lora_A", None), getattr(m, "lora_B", None)
+        if la is None or lb is None or adapter not in la:
+            continue
+        A, B = la[adapter].weight, lb[adapter].weight
+        out.append((A.flatten(1), B.flatten(1), float(m.scaling[adapter])))
+    return out
+
+
+@OBJECTIVES.register("r0", "R0 / Reward-Instruct: few-step generator by regularised reward maximisation (Luo et al. 2025)")
+class R0(Objective):
+    """R0 on prompts: a K-step generator (the ``few_step`` adapter's UNet) rolled out from noise with random-η
+    DDIM(η) transitions, trained on −Σ_k β_k·mean R(decode(x̂0^(k))) + λ·‖θ − θ0‖² (:func:`r0_generator_loss`).
+
+    R is the composite of the run's ``rewards`` list (``ctx.rewards`` members, scored raw and standardised here
+    per member with detached batch statistics; weights = the list's ``weight`` unless ``reward_weights`` is set;
+    the list's own ``normalize`` setting is not used). The regulariser is Σ‖θ − θ0‖² over the full UNet
+    (θ0 = the base weights, snapshot at construction) or, with LoRA, the merged delta Σ‖scale·B·A‖²_F.
+    Everything is a reconstruction (r0.md): see :class:`R0Config` and docs/objectives/di_star_r0.md.
+
+    Raises:
+        ValueError: not a ``few_step`` adapter, a non-differentiable reward, or weights that are all 0.
+    """
+
+    class Config(ObjectiveParams):
+        num_steps: int = Field(4, ge=1, description="K [paper] Table 1")
+        first_timestep: int = Field(999, ge=0, description="t₀; steps t₀ − k(t₀+1)/K = [999, 749, 499, 249] "
+                                                           "[unknown → rec.] (DMD2 4-step / DDIM trailing)")
+        eta_range: Tuple[float, float] = Field((0.0, 1.0), description="training η ~ U[lo, hi] [unknown → rec.]")
+        eta_inference: float = Field(0.0, ge=0, le=1, description="[unknown → rec.] 0 (deterministic DDIM)")
+        reward_weights: Optional[Dict[str, float]] = Field(
+            None, description="per member; None = the rewards list's weights [unknown → rec.] equal")
+        normalization: Literal["batch", "fixed", "none"] = Field("batch", description="[recon] batch standardisation")
+        fixed_stats: Optional[Dict[str, Tuple[float, float]]] = None
+        normalization_eps: float = Field(1e-6, ge=0, description="[recon]")
+        weight_reg: float = Field(1e-3, ge=0, description="λ on Σ‖θ − θ0‖² [unknown → rec.]")
+        step_weights: Union[Literal["final", "uniform"], List[float]] = Field(
+            "final", description="final = R0, uniform = R0+ intermediate supervision [recon]")
+        backprop_steps: Optional[int] = Field(None, ge=1, description="None = through the whole chain [recon]")
+        learning_rate: Optional[float] = Field(None, gt=0, description="None = train.learning_rate")
+
+        @model_validator(mode="after")
+        def _check(self):
+            lo, hi = self.eta_range
+            if not 0.0 <= lo <= hi <= 1.0:
+                raise ValueError(f"eta_range must satisfy 0 <= lo <= hi <= 1, got {self.eta_range}")
+            if self.backprop_steps is not None and self.backprop_steps > self.num_steps:
+                raise ValueError("backprop_steps must be <= num_steps")
+            resolve_step_weights(self.step_weights, self.num_steps)
+            if self.normalization == "fixed" and not self.fixed_stats:
+                raise ValueError("normalization 'fixed' needs fixed_stats {reward: [mean, std]}")
+            return self
+
+    needs_reward = True
+    data_kind = "prompts"
+    #: how each default is known (written into the exported model card); see docs/objectives/di_star_r0.md
+    provenance = {
+        "num_steps": "[paper] verified (K = 4)", "first_timestep": "[unknown → rec.]", "eta_range": "[unknown → rec.]",
+        "eta_inference": "[unknown → rec.]", "reward_weights": "[unknown → rec.] equal",
+        "normalization": "[recon]", "normalization_eps": "[recon]", "fixed_stats": "[recon]",
+        "weight_reg": "[unknown → rec.]", "step_weights": "[recon]", "backprop_steps": "[recon]",
+        "learning_rate": "[unknown → rec.]",
+    }
+
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        from genalign.objectives.di_star import require_few_step
+
+        require_few_step(model, "r0")
+        model.configure_few_step(config.num_steps, config.first_timestep, config.eta_inference)
+        self.rewards = None
+        # θ0: the base weights (taken before any checkpoint is loaded, so a resumed run anchors to the same θ0).
+        self.theta0 = None
+        if model.lora is None:
+            self.theta0 = [p.detach().clone() for p in model.trainable_parameters()]
+
+    def build_data(self, ctx):
+        """Prompt batches; keeps ``ctx.rewards`` (the run's composite) for the reward term."""
+        self.rewards = ctx.rewards
+        return super().build_data(ctx)
+
+    def phases(self):
+        from genalign.objectives.base import Phase
+
+        return [Phase("main", self.model.trainable_parameters(), self.loss, self.config.learning_rate)]
+
+    def sample(self, prompts, vcfg, generators):
+        """K-step samples (N, 3, H, W) in [0, 1] at η = ``eta_inference`` (the exported sampler)."""
+        return self.model.sample(prompts, generator=generators, batch_size=len(prompts))
+
+    def reward_weights(self) -> Dict[str, float]:
+        """Member weights: ``reward_weights`` or the run's rewards list (names as ``ctx.rewards.names``)."""
+        if self.config.reward_weights is not None:
+            return dict(self.config.reward_weights)
+        return dict(zip(self.rewards.names, self.rewards.weights))
+
+    def regularizer(self) -> torch.Tensor:
+        """λ·Σ‖θ − θ0‖² (full) or λ·Σ‖scale·B·A‖²_F (LoRA merged delta), fp32 scalar with graph."""
+        lam = self.config.weight_reg
+        if lam == 0:
+            return torch.zeros((), device=self.model.device)
+        if self.theta0 is not None:
+            return weight_regularizer(self.model.trainable_parameters(), self.theta0, lam)
+        pairs = lora_pairs(getattr(self.model, "_raw_unet", self.model.unet))
+        return lora_delta_regularizer(pairs, lam)
+
+    def loss(self, batch: Dict[str, Any], generator: Optional[torch.Generator] = None) -> LossOutput:
+        """Random-η K-step rollout with graph → rewards of the weighted steps → R0 loss (:func:`r0_generator_loss`)."""
+        c = self.config
+        if self.rewards is None:
+            raise ValueError("r0 needs the run's rewards (build_data(ctx) keeps ctx.rewards)")
+        if not getattr(self.rewards, "differentiable", True):
+            raise ValueError("r0: every reward member must be differentiable (and not rank-normalised)")
+        B = len(batch["prompts"])
+        z = torch.randn(self.model.latent_shape(B), generator=generator).to(self.model.device)
+        eta = sample_eta(B, tuple(c.eta_range), generator=generator, device=self.model.device)
+        outs = self.model.generate_latents(z, batch["cond"], eta=eta, generator=generator,
+                                           backprop_steps=c.backprop_steps)
+        betas = resolve_step_weights(c.step_weights, len(outs))
+        step_rewards = []
+        for beta, x0 in zip(betas, outs):
+            if beta == 0.0:
+                step_rewards.append({})
+                continue
+            comps = self.rewards.components(self.model.decode(x0), batch["prompts"])
+            step_rewards.append({k: v.float().reshape(-1) for k, v in comps.items()})
+        loss, m = r0_generator_loss(step_rewards, reward_weights=self.reward_weights(), step_weights=c.step_weights,
+                                    normalization=c.normalization, fixed_stats=c.fixed_stats,
+                                    eps=c.normalization_eps, regularizer=self.regularizer())
+        metrics = {k: float(v) for k, v in m.items() if k != "loss"}
+        metrics["eta_mean"] = float(eta.mean())
+        return LossOutput(loss, metrics)
