@@ -334,13 +334,15 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     from genalign.config import ConfigError
     from genalign.rewards.base import WeightsNotFoundError
+    from genalign.rewards.composite import RewardError
+    from genalign.training.trainer import NonFiniteLossError
 
     handlers = {"train": _cmd_train, "generate": _cmd_generate, "export": _cmd_export, "score": _cmd_score,
                 "relabel": _cmd_relabel, "report": _cmd_report,
                 "list": _cmd_list}
     try:
         return handlers[args.command](args)
-    except (ConfigError, WeightsNotFoundError, FileNotFoundError) as err:
+    except (ConfigError, WeightsNotFoundError, FileNotFoundError, RewardError, NonFiniteLossError) as err:
         print(f"genalign {args.command}: error: {err}", file=sys.stderr)
         return 2
 

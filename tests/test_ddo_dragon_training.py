@@ -177,7 +177,7 @@ def test_ddo_trains_with_rounds_in_the_trainer(tmp_path):
     m = SDAdapter(tiny_sd_pipeline(), lora=LoraConfig(rank=8))
     ckpt.load_trainable(m.unet, last / "trainable.safetensors")
     obj = DDO(DDO.Config(), m)
-    obj.load_state_dict(torch.load(last / "objective_state.pt", weights_only=True))
+    obj.load_state_dict(torch.load(last / "training_state.pt", weights_only=True)["objective"])
     x_t, t = torch.randn(2, 4, 8, 8), torch.tensor([3, 700])
     cond = m.encode_prompt(["a handwritten digit 1", "a handwritten digit 2"])
     with torch.no_grad():

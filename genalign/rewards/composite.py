@@ -35,6 +35,10 @@ Normalize = Literal["none", "zscore", "rank", "running"]
 _NORMALIZERS = ("none", "zscore", "rank", "running")
 
 
+class RewardError(RuntimeError):
+    """A reward model raised while scoring; the message names the reward."""
+
+
 @dataclass
 class RewardSpec:
     """One member of a composite reward (a plain dataclass, so configs can be dicts).
@@ -301,8 +305,21 @@ class CompositeReward(nn.Module):
 
     def components(self, samples: torch.Tensor, prompts: list[str] | None = None,
                    **conditions) -> dict[str, torch.Tensor]:
-        """Raw ``(B,)`` scores of every member, keyed by name (no normalisation or weighting)."""
-        return {n: m(samples, prompts, **conditions) for n, m in zip(self.names, self.members)}
+        """Raw ``(B,)`` scores of every member, keyed by name (no normalisation or weighting).
+
+        Raises:
+            RewardError: a member raised; the message names the reward and the original error.
+        """
+        out = {}
+        for n, m in zip(self.names, self.members):
+            try:
+                out[n] = m(samples, prompts, **conditions)
+            except RewardError:
+                raise
+            except Exception as err:  # name the failing member: a bare traceback from deep inside a model is useless
+                raise RewardError(f"reward {n!r} failed on a batch of {samples.shape[0]}: "
+                                  f"{type(err).__name__}: {err}") from err
+        return out
 
     def _normalize(self, i: int, raw: torch.Tensor) -> torch.Tensor:
         mode = self.normalizers[i]

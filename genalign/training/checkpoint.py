@@ -1,7 +1,7 @@
 """Atomic checkpoints on every rank, and finding the latest complete one.
 
 Layout: ``RUN_DIR/checkpoints/step_000050/`` holding Accelerate's ``save_state`` files (optimizer, RNG states,
-registered objects), ``trainable.safetensors`` (+ ``trainable_1.safetensors``... for extra trained modules; only the trained parameters: LoRA or the full UNet), ``objective_state.pt``,
+registered objects), ``trainable.safetensors`` (+ ``trainable_1.safetensors``... for extra trained modules; only the trained parameters: LoRA or the full UNet), ``training_state.pt`` (LR schedules, EMA, objective state; read with ``weights_only=True``),
 ``trainer_state.json``, ``config.yaml`` and a ``COMPLETE`` marker. It is written under ``.tmp-step_000050`` and
 renamed when complete, so a killed run never leaves a checkpoint that ``--resume latest`` would pick up half-written.
 """

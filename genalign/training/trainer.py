@@ -173,10 +173,12 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: str | None = None, progre
     wrapped, optimizers = prepared[:len(raw_modules)], prepared[len(raw_modules):]
     objective.use_prepared(wrapped)  # forward through DDP wrappers; reference passes use the raw modules
     state = {"step": 0}
-    for sch in schedulers:
-        acc.register_for_checkpointing(sch)
-    if ema is not None:
-        acc.register_for_checkpointing(ema)
+    # LR schedules, EMA and objective state go into one tensors-only file read with weights_only=True (Accelerate
+    # would pickle registered objects and read them back with weights_only=False).
+
+    def extra_state() -> dict:
+        return {"objective": objective.state_dict(), "schedulers": [sch.state_dict() for sch in schedulers],
+                "ema": ema.state_dict() if ema is not None else None}
 
     def save_hook(models, weights, output_dir):
         if acc.is_main_process:
@@ -199,7 +201,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: str | None = None, progre
         acc.save_state(str(tmp))  # every rank takes part
         acc.wait_for_everyone()
         if acc.is_main_process:
-            torch.save(objective.state_dict(), tmp / "objective_state.pt")
+            torch.save(extra_state(), tmp / "training_state.pt")
             ts = {"step": step, "seed": cfg.seed, "objective": cfg.objective.name}
             ckpt.finalize_checkpoint(tmp, run_dir / "checkpoints" / ckpt.checkpoint_name(step), ts, config_yaml)
             ckpt.prune_checkpoints(run_dir, tcfg.checkpoints_total_limit)
@@ -210,8 +212,12 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: str | None = None, progre
         acc.load_state(str(resume_dir))
         ts = json.loads((resume_dir / "trainer_state.json").read_text())
         state["step"] = ts["step"]
-        if (resume_dir / "objective_state.pt").exists():
-            objective.load_state_dict(torch.load(resume_dir / "objective_state.pt", weights_only=True))
+        extra = torch.load(resume_dir / "training_state.pt", weights_only=True)
+        objective.load_state_dict(extra["objective"])
+        for sch, st in zip(schedulers, extra["schedulers"]):
+            sch.load_state_dict(st)
+        if ema is not None and extra["ema"] is not None:
+            ema.load_state_dict(extra["ema"])
         if acc.is_main_process:
             console.print(f"resumed from {resume_dir} at step {state['step']}")
 
