@@ -50,7 +50,8 @@ class PipelineConfig(Strict):
     vae: str | None = Field(None, description="replacement VAE folder / hub id, e.g. madebyollin/sdxl-vae-fp16-fix")
     resolution: int | None = Field(None, ge=8, description="training resolution in pixels; None = the model's")
     lora: LoraConfig | None = Field(default_factory=LoraConfig, description="null = full fine-tune")
-    reference: Literal["adapter_off", "frozen_copy"] = "adapter_off"
+    reference: Literal["adapter_off", "frozen_copy", "none"] = Field(
+        "adapter_off", description="adapter_off (LoRA disabled) | frozen_copy | none (MaPO, SFT: no reference)")
     gradient_checkpointing: bool = False
     attention: Literal["sdpa", "xformers"] = "sdpa"
     trust_remote_code: bool = False
@@ -306,6 +307,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         params = obj_cls.Config.model_validate(cfg.objective.model_extra or {})
     except ValidationError as err:
         raise ConfigError(_format_error(err, source, prefix="objective")) from None
+    if getattr(obj_cls, "needs_reference", False) and cfg.pipeline.reference == "none":
+        raise ConfigError(f"{source}: pipeline.reference: 'none': objective {cfg.objective.name!r} needs a reference "
+                          "model (adapter_off with LoRA, or frozen_copy)")
     kinds = getattr(obj_cls, "data_sources", None) or DATA_SOURCES_BY_KIND.get(obj_cls.data_kind)
     if kinds and cfg.data.source.kind not in kinds:
         raise ConfigError(f"{source}: data.source.kind: {cfg.data.source.kind!r}: objective {cfg.objective.name!r} "

@@ -135,7 +135,7 @@ class DiffusionAdapter:
     Args:
         pipe: a loaded Diffusers pipeline (its ``unet`` is the trained network).
         lora: a :class:`genalign.config.LoraConfig` or ``None`` for full fine-tuning.
-        reference: "adapter_off" (LoRA disabled) or "frozen_copy".
+        reference: "adapter_off" (LoRA disabled), "frozen_copy", or "none" (reference-free objectives).
         device, weight_dtype: where and in which dtype the frozen parts live (trainable LoRA params stay fp32).
         gradient_checkpointing, attention: memory / speed options ("sdpa" default, "xformers" if installed).
 
@@ -180,9 +180,10 @@ class DiffusionAdapter:
         self.ref_unet = None
         if reference == "frozen_copy":
             self.ref_unet = _to(copy.deepcopy(self.unet).requires_grad_(False).eval(), self.device, weight_dtype)
-        elif lora is None:
-            raise ValueError("pipeline.reference: 'adapter_off' needs LoRA (pipeline.lora); use 'frozen_copy' for "
-                             "full fine-tuning")
+        elif lora is None and reference == "adapter_off":
+            raise ValueError("pipeline.reference: 'adapter_off' needs LoRA (pipeline.lora); use 'frozen_copy' (or "
+                             "'none' for reference-free objectives such as MaPO) for full fine-tuning")
+        self.reference_kind = reference
         if lora is not None:
             from peft import LoraConfig as PeftLoraConfig
 
@@ -274,6 +275,8 @@ class DiffusionAdapter:
     @contextlib.contextmanager
     def reference(self) -> Iterator[Any]:
         """Context yielding the reference network: the UNet with LoRA disabled, or the frozen copy (no grad)."""
+        if self.reference_kind == "none":
+            raise RuntimeError("pipeline.reference is 'none' but the objective asked for a reference model")
         with torch.no_grad():
             if self.ref_unet is not None:
                 yield self.ref_unet
