@@ -17,8 +17,10 @@ import argparse
 import sys
 from pathlib import Path
 
+QUICKSTART = Path(__file__).resolve().parent / "assets" / "quickstart.yaml"
+
 EXAMPLES = """examples:
-  genalign train                                     # the digits quickstart (configs/quickstart.yaml defaults)
+  genalign train                                     # the digits quickstart (configs/quickstart.yaml)
   genalign train configs/mapo_sdxl.yaml --set train.steps=500 --set pipeline.lora.rank=16
   genalign train cfg.yaml --output-dir runs/x --resume latest
 """
@@ -138,7 +140,8 @@ def _cmd_train(args) -> int:
             raise ConfigError(f"{args.config}: {str(err).splitlines()[0]}") from None
         print(f"run folder: {out}  ({', '.join(f'{k}={v}' for k, v in list(summary.items())[:4])})")
         return 0
-    cfg = load_config(args.config, args.overrides)
+    # No config: the built-in quickstart (configs/quickstart.yaml, shipped as package data).
+    cfg = load_config(args.config or QUICKSTART, args.overrides)
     out = args.output_dir or str(Path("runs") / (Path(args.config).stem if args.config else "quickstart"))
     summary = train(cfg, out, resume=args.resume, progress=not args.quiet)
     if "stopped_at" not in summary:
