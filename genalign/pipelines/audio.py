@@ -345,7 +345,7 @@ class StableAudioAdapter(_AudioAdapterMixin):
         """
         n = len(prompts)
         gens = generator if isinstance(generator, list) else [generator] * n
-        shape = (self.unet.config.in_channels if hasattr(self.unet, "config") else self.pipe.transformer.config.in_channels,
+        shape = (self.pipe.transformer.config.in_channels if hasattr(self.pipe, "transformer") else self.pipe.unet.config.in_channels,
                  self.latent_frames)
         x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(self.device)
         cond = self.encode_prompt(prompts)

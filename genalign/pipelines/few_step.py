@@ -204,7 +204,7 @@ class FewStepMixin:
         """(B, C, h, w) of the generator's latents at the adapter's resolution."""
         vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         h = self.resolution // vae_scale
-        return (batch_size, int(self.unet.config.in_channels), h, h)
+        return (batch_size, int(getattr(self, "_raw_unet", self.unet).config.in_channels), h, h)
 
     def initial_noise(self, batch_size: int, generator=None) -> torch.Tensor:
         """z (B, C, h, w) drawn exactly as the Diffusers pipelines do (``randn_tensor``; a list of generators gives
