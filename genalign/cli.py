@@ -14,6 +14,7 @@ Errors in user input (config, paths, missing weights) print one line and exit wi
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -80,6 +81,12 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--audio", metavar="DIR", default=None, help="folder of audio files (.wav/.flac/.ogg)")
     src.add_argument("--run", metavar="RUN_DIR", default=None,
                      help="a run folder: generate (or reuse) its held-out samples and score them")
+    src.add_argument("--conditions", metavar="DIR", default=None,
+                     help="condition dataset: metadata.jsonl rows with file_name (generated image), condition "
+                          "(condition image) and optional image (real); scored by --reward (a condition reward, "
+                          "e.g. digit_stroke_mask, segformer, dpt_depth, soft_edges) with --metric")
+    s.add_argument("--metric", default=None, choices=["mask_iou", "miou", "rmse", "ssim", "edge_f1"],
+                   help="with --conditions: the consistency metric (default: the reward's task default)")
     s.add_argument("--reward", action="append", default=None, metavar="NAME[,NAME...]",
                    help="reward name(s), comma-separated or repeated; see `genalign list rewards` "
                         "(default with --run: the run's config rewards)")
@@ -241,6 +248,16 @@ def _cmd_score(args) -> int:
     from genalign.scoring import run_samples, score_samples, write_scores
 
     names = [n.strip() for r in (args.reward or []) for n in r.split(",") if n.strip()]
+    if args.conditions:  # controllability of a ControlNet's samples (Ctrl-U / ControlNet++ evaluation)
+        from genalign.evaluation.condition import score_condition_dataset
+
+        if len(names) != 1:
+            raise ConfigError("--conditions needs exactly one --reward (a condition reward)")
+        res = score_condition_dataset(args.conditions, names[0], args.metric, device=args.device)
+        print(f"{res['metric']}: {res['value']:.4f} over {res['n']} images ({names[0]})")
+        if args.out:
+            Path(args.out).write_text(json.dumps(res, indent=2, default=str))
+        return 0
     if args.samples and (args.images or args.audio or args.run):
         raise ConfigError("give the samples either positionally or with --images/--audio/--run, not both")
     specs: list = [{"name": n} for n in names]

@@ -51,3 +51,31 @@ def test_generate_and_export_commands(tmp_path, capsys):
                  "--out", str(tmp_path / "scores.jsonl")]) == 0
     assert "digit_classifier" in capsys.readouterr().out
     assert main(["export", str(tmp_path / "no-run"), str(tmp_path / "out")]) == 2
+
+
+def test_score_condition_dataset(tmp_path, capsys):
+    """`genalign score --conditions`: real digits scored against their own stroke masks give IoU ≈ 1; against
+    another digit's mask much lower."""
+    from PIL import Image
+
+    from genalign.data.digits import load_digits_split
+
+    x, _ = load_digits_split("test")
+    rows = []
+    for i in range(6):
+        img = Image.fromarray((x[i].permute(1, 2, 0).numpy() * 255).astype("uint8"))
+        img.save(tmp_path / f"g{i}.png")
+        mask = Image.fromarray(((x[i].mean(0) > 0.5).numpy() * 255).astype("uint8")).convert("RGB")
+        mask.save(tmp_path / f"c{i}.png")
+        rows.append({"file_name": f"g{i}.png", "condition": f"c{i}.png"})
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["score", "--conditions", str(tmp_path), "--reward", "digit_stroke_mask", "--metric", "mask_iou",
+                 "--out", str(tmp_path / "res.json")]) == 0
+    same = json.loads((tmp_path / "res.json").read_text())["value"]
+    shuffled = [dict(r, condition=rows[(i + 1) % 6]["condition"]) for i, r in enumerate(rows)]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in shuffled))
+    assert main(["score", "--conditions", str(tmp_path), "--reward", "digit_stroke_mask", "--metric", "mask_iou",
+                 "--out", str(tmp_path / "res2.json")]) == 0
+    other = json.loads((tmp_path / "res2.json").read_text())["value"]
+    assert same > 0.8 and other < same - 0.2
+    assert "mask_iou" in capsys.readouterr().out
