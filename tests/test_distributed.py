@@ -16,7 +16,9 @@ from safetensors.torch import load_file
 from genalign.training.checkpoint import list_checkpoints
 
 BIN = Path(sys.executable).parent
-COMMON = ["--quiet", "--set", "pipeline.model=tiny:sd", "--set", "validation.samples_per_prompt=1",
+# The quickstart config (the CLI's default) with MaPO + LoRA on the tiny SD pipeline, as issue 8 asks.
+COMMON = ["--quiet", "--set", "pipeline.model=tiny:sd", "--set", "objective={name: mapo}", "--set", "pipeline.lora.rank=8",
+          "--set", "pipeline.reference=adapter_off", "--set", "validation.samples_per_prompt=1",
           "--set", "validation.num_inference_steps=2", "--set", "validation.max_prompts=2",
           "--set", "data.source.num_inference_steps=2", "--set", "data.source.rounds=1", "--set", "train.batch_size=2",
           "--set", "train.learning_rate=0.003", "--set", "export.enabled=false", "--set", "train.checkpoint_every=2"]
