@@ -233,7 +233,7 @@ class DiffusionAdapter:
 
     def encode_prompt(self, prompts: list[str]) -> dict[str, Any]:
         """Text conditioning for ``B`` prompts, as a dict passed to :meth:`predict` (implemented per family)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement encode_prompt (one per model family)")
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

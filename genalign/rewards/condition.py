@@ -102,11 +102,11 @@ class ConditionReward(Reward):
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """Reward-model output on ``images`` (B, 3, H, W) in [0, 1], with autograd (see module docstring)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement predict (the condition from images)")
 
     def target_from_condition(self, condition: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
         """Loss target of a condition ``(B, 3, H, W)`` in [0, 1] (see module docstring)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement target_from_condition")
 
     def align(self, pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Bring ``pred`` and ``target`` to the shapes of :func:`genalign.objectives.ctrl_u.ctrl_u_reward_terms`.
