@@ -163,20 +163,7 @@ class DiffusionAdapter:
         vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.resolution = resolution or int(self.unet.config.sample_size) * vae_scale
         pipe.set_progress_bar_config(disable=True)
-        for m in self.frozen_modules():
-            m.requires_grad_(False)
-            m.eval()
-        # The SD/SDXL VAE in fp16 produces NaNs: keep it fp32 unless a fp16-fix VAE is configured.
-        _to(self.vae, self.device, torch.float32)
-        for m in self.frozen_modules():
-            if m is not self.vae:
-                _to(m, self.device, weight_dtype)
-        if attention == "xformers":
-            try:
-                import xformers  # noqa: F401
-            except ImportError:
-                raise ImportError("pipeline.attention: 'xformers' asked for but not installed (pip install genalign[gpu])") from None
-            self.unet.enable_xformers_memory_efficient_attention()
+        self._setup_frozen_and_attention(weight_dtype, attention)
         self.ref_unet = None
         if reference == "frozen_copy":
             self.ref_unet = _to(copy.deepcopy(self.unet).requires_grad_(False).eval(), self.device, weight_dtype)
@@ -201,6 +188,23 @@ class DiffusionAdapter:
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.unet.train()
+
+    def _setup_frozen_and_attention(self, weight_dtype: torch.dtype, attention: str) -> None:
+        """Freeze and place the frozen modules (VAE in fp32: the SD/SDXL VAE in fp16 gives NaNs), and pick the
+        UNet attention backend (SDPA default; xformers only when installed)."""
+        for m in self.frozen_modules():
+            m.requires_grad_(False)
+            m.eval()
+        _to(self.vae, self.device, torch.float32)
+        for m in self.frozen_modules():
+            if m is not self.vae:
+                _to(m, self.device, weight_dtype)
+        if attention == "xformers":
+            try:
+                import xformers  # noqa: F401
+            except ImportError:
+                raise ImportError("pipeline.attention: 'xformers' asked for but not installed (pip install genalign[gpu])") from None
+            self.unet.enable_xformers_memory_efficient_attention()
 
     # -- construction ---------------------------------------------------------------------------------------
     @classmethod

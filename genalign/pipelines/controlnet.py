@@ -164,19 +164,7 @@ class ControlNetAdapter(DiffusionAdapter):
         self.num_train_timesteps = int(self.noise_scheduler.config.num_train_timesteps)
         self.resolution = resolution or int(self.unet.config.sample_size) * vae_scale
         self.pipe.set_progress_bar_config(disable=True)
-        for m in self.frozen_modules():
-            m.requires_grad_(False)
-            m.eval()
-        _to(self.vae, self.device, torch.float32)  # fp16 SD/SDXL VAEs give NaNs (README §5)
-        for m in self.frozen_modules():
-            if m is not self.vae:
-                _to(m, self.device, weight_dtype)
-        if attention == "xformers":
-            try:
-                import xformers  # noqa: F401
-            except ImportError:
-                raise ImportError("pipeline.attention: 'xformers' asked for but not installed") from None
-            self.unet.enable_xformers_memory_efficient_attention()
+        self._setup_frozen_and_attention(weight_dtype, attention)
         self._gradient_checkpointing = gradient_checkpointing
         self._attention = attention
         self._install_controlnet(cn)
