@@ -1,6 +1,6 @@
 """Rebuild the built-in digits demo deterministically: the digit classifier, then the base pipeline.
 
-Usage: ``python scripts/build_digits.py [--skip-classifier] [--skip-base] [--unet-steps 3000]``
+Usage: ``python scripts/build_digits.py [--skip-classifier] [--skip-base] [--unet-steps 4000]``
 
 Writes ``genalign/assets/digits_classifier.safetensors`` (+ ``.json`` with the held-out accuracy) and the
 Diffusers folder ``genalign/assets/digits/`` (+ ``build_report.json``), then evaluates the base model on the
@@ -36,7 +36,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--skip-classifier", action="store_true")
     ap.add_argument("--skip-base", action="store_true")
-    ap.add_argument("--unet-steps", type=int, default=3000)
+    ap.add_argument("--unet-steps", type=int, default=4000)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.use_deterministic_algorithms(True)
@@ -51,6 +51,7 @@ def main() -> None:
     report = json.loads(report_path.read_text())
     report["heldout_reward_default_sampler"] = round(evaluate(DEFAULT_GUIDANCE), 4)
     report["heldout_reward_cfg3"] = round(evaluate(3.0), 4)
+    report["default_guidance_scale"] = DEFAULT_GUIDANCE
     report_path.write_text(json.dumps(report, indent=2))
     print(report)
 

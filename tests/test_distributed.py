@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from genalign.training.checkpoint import list_checkpoints
 
 BIN = Path(sys.executable).parent
-# The quickstart config (the CLI's default) with MaPO + LoRA on the tiny SD pipeline, as issue 8 asks.
+# The quickstart config (the CLI's default: MaPO + LoRA) on the tiny SD pipeline, with the LoRA-off reference path, as issue 8 asks.
 COMMON = ["--quiet", "--set", "pipeline.model=tiny:sd", "--set", "objective={name: mapo}", "--set", "pipeline.lora.rank=8",
           "--set", "pipeline.reference=adapter_off", "--set", "validation.samples_per_prompt=1",
           "--set", "validation.num_inference_steps=2", "--set", "validation.max_prompts=2",
