@@ -56,7 +56,9 @@ def test_two_process_run_with_resume_equals_single_process_accumulation(tmp_path
     assert ra.keys() == rb.keys() and all(abs(ra[k] - rb[k]) < 1e-5 for k in ra)
 
 
-def test_sigterm_checkpoints_at_step_boundary_and_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_checkpoints_at_step_boundary_and_resume_is_exact(tmp_path, sig):
+    # SIGTERM (a scheduler's pre-emption) and SIGINT (Ctrl-C) both stop at the next step boundary with a checkpoint.
     steps = ["--set", "train.steps=40", "--set", "train.checkpoint_every=100", "--set", "train.log_every=1"]
     run = tmp_path / "sig"
     proc = subprocess.Popen(cli("-o", str(run), *COMMON, *steps), env=ENV, stdout=subprocess.PIPE,
@@ -65,7 +67,7 @@ def test_sigterm_checkpoints_at_step_boundary_and_resume_is_exact(tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline and not (log.exists() and "step 3 " in log.read_text()):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out = proc.communicate(timeout=300)[0].decode()
     assert proc.returncode == 0, out
     cks = list_checkpoints(run)
