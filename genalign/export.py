@@ -92,17 +92,26 @@ def export_pipeline(model, cfg, out_dir: str | Path, summary: dict | None = None
     return out_dir
 
 
+def _base_lora_line(model: str) -> str:
+    """The model card's "LoRA alone on the base" line, naming the base the way a vanilla-Diffusers user can load it."""
+    if model.startswith("tiny:"):
+        return f"# ({model} is built in memory by genalign.pipelines.tiny: load the merged folder above)"
+    # builtin:digits is a plain Diffusers folder shipped inside the package.
+    ref = "genalign.pipelines.digits.digits_base_path()" if model == "builtin:digits" else repr(model)
+    return f"# base = DiffusionPipeline.from_pretrained({ref}); base.load_lora_weights('<this folder>')"
+
+
 def model_card(cfg, summary: dict | None = None) -> str:
     """A Markdown model card: base model, objective and hyperparameters, data, rewards before/after."""
     obj = cfg.objective.model_dump()
     lines = [
         "---", "library_name: diffusers", "tags: [genalign, " + cfg.objective.name + "]", "---", "",
         f"# {cfg.objective.name} on {cfg.pipeline.model}", "",
-        f"Aligned with [genalign](https://github.com/) objective **{cfg.objective.name}**.", "",
+        f"Aligned with genalign, objective **{cfg.objective.name}**.", "",
         "## Load", "", "```python", "from diffusers import DiffusionPipeline",
         "pipe = DiffusionPipeline.from_pretrained('<this folder>')  # LoRA already merged",
         "# or the LoRA alone on the base model:",
-        f"# base = DiffusionPipeline.from_pretrained('{cfg.pipeline.model}'); base.load_lora_weights('<this folder>')",
+        _base_lora_line(cfg.pipeline.model),
         "```", "", "## Training", "",
         f"- base model: `{cfg.pipeline.model}`" + (f" (VAE `{cfg.pipeline.vae}`)" if cfg.pipeline.vae else ""),
         f"- objective: `{cfg.objective.name}` with " + ", ".join(f"{k}={v}" for k, v in obj.items() if k != "name"),

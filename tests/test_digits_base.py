@@ -44,3 +44,15 @@ def test_quickstart_is_mapo_with_lora_on_the_default_sampler():
     assert cfg.objective.name == "mapo" and cfg.pipeline.lora is not None and cfg.pipeline.reference == "none"
     assert cfg.data.source.guidance_scale == cfg.validation.guidance_scale == DEFAULT_GUIDANCE
     assert cfg.validation.prompts == "digits:heldout" and cfg.data.source.prompts == "digits:train"
+
+
+def test_model_card_names_a_base_that_vanilla_diffusers_loads():
+    from genalign.export import model_card
+    from genalign.pipelines.digits import digits_base_path
+
+    card = model_card(load_config(QUICKSTART))
+    line = next(l for l in card.splitlines() if l.startswith("# base = "))
+    assert "from_pretrained(genalign.pipelines.digits.digits_base_path())" in line
+    assert StableDiffusionPipeline.from_pretrained(digits_base_path()).unet.config.sample_size == 8
+    tiny = model_card(load_config(QUICKSTART, ["pipeline.model=tiny:sd"]))
+    assert "built in memory" in tiny and "from_pretrained('tiny:sd')" not in tiny
