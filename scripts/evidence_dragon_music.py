@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 def pretrain(out: Path, vae_steps: int, dit_steps: int, seed: int = 0) -> dict:
     from genalign.data.audio import synthetic_music_dataset
     from genalign.pipelines.audio import tiny_stable_audio_pipeline
+    from genalign.pipelines.tiny import fit_vae
 
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -39,16 +40,7 @@ def pretrain(out: Path, vae_steps: int, dit_steps: int, seed: int = 0) -> dict:
     x = data.waveforms
     t0 = time.time()
     vae = pipe.vae
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
-    for _ in range(vae_steps):
-        xb = x[torch.randint(0, len(x), (16,), generator=g)]
-        post = vae.encode(xb).latent_dist
-        rec = vae.decode(post.sample(generator=g)).sample
-        loss = F.l1_loss(rec, xb) + 1e-4 * post.kl().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    vae_loss = loss.item()
+    vae_loss = fit_vae(vae, x, vae_steps, 16, 1e-4, g)
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         lat = torch.cat([vae.encode(x[i:i + 64]).latent_dist.mean for i in range(0, len(x), 64)])

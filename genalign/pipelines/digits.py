@@ -66,7 +66,8 @@ def build_digits_base(out_dir: str | Path = DIGITS_DIR, vae_steps: int = 1500, u
     from tqdm import tqdm
 
     from genalign.data.digits import load_digits_split
-    from genalign.pipelines.tiny import scheduler_config, tiny_clip_text_encoder, tiny_clip_tokenizer, tiny_unet, tiny_vae
+    from genalign.pipelines.tiny import (fit_vae, scheduler_config, tiny_clip_text_encoder, tiny_clip_tokenizer,
+                                         tiny_unet, tiny_vae)
 
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -75,16 +76,7 @@ def build_digits_base(out_dir: str | Path = DIGITS_DIR, vae_steps: int = 1500, u
     t0 = time.time()
 
     vae = tiny_vae(seed=seed)
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
-    for step in tqdm(range(vae_steps), desc="digits VAE", disable=not progress):
-        xb = x[torch.randint(0, len(x), (batch_size,), generator=g)]
-        post = vae.encode(xb).latent_dist
-        rec = vae.decode(post.sample(generator=g)).sample
-        loss = F.l1_loss(rec, xb) + vae_kl_weight * post.kl().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    vae_loss = loss.item()
+    vae_loss = fit_vae(vae, x, vae_steps, batch_size, vae_kl_weight, g, desc="digits VAE" if progress else None)
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         lat = vae.encode(x).latent_dist.mean

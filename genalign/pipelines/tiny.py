@@ -153,3 +153,36 @@ def tiny_sdxl_pipeline(prediction_type: str = "epsilon", seed: int = 0):
         unet=tiny_unet(cross_attention_dim=64, sdxl=True, pooled_dim=32, seed=seed), scheduler=sched,
         force_zeros_for_empty_prompt=True,
     )
+
+
+def fit_vae(vae, x: torch.Tensor, steps: int, batch_size: int, kl_weight: float, generator: torch.Generator,
+            lr: float = 1e-3, desc: str | None = None) -> float:
+    """Train a small VAE in place: L1 reconstruction of a posterior sample + ``kl_weight`` · KL, AdamW.
+
+    Used to pretrain the demo bases (``builtin:digits``, the tiny Stable Audio model of the music evidence).
+
+    Args:
+        vae: a Diffusers VAE whose ``encode(x).latent_dist`` has ``sample(generator)`` and ``kl()`` and whose
+            ``decode(z).sample`` has ``x``'s shape (``AutoencoderKL``, ``AutoencoderOobleck``).
+        x: ``(N, ...)`` training data in the VAE's input range (images in [-1, 1], waveforms).
+        steps, batch_size: optimizer steps and rows per step (rows drawn with replacement from ``generator``).
+        kl_weight: KL weight. Small (1e-6) keeps the posterior std ≪ the latent spread, as in Stable Diffusion's VAE.
+        generator: CPU generator for the rows and the posterior samples (deterministic).
+        desc: tqdm description; None = no progress bar.
+
+    Returns:
+        the last step's loss.
+    """
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr)
+    for _ in tqdm(range(steps), desc=desc, disable=desc is None):
+        xb = x[torch.randint(0, len(x), (batch_size,), generator=generator)]
+        post = vae.encode(xb).latent_dist
+        rec = vae.decode(post.sample(generator=generator)).sample
+        loss = F.l1_loss(rec, xb) + kl_weight * post.kl().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return loss.item()
