@@ -128,6 +128,27 @@ def _to(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> to
     return module.to(device, dtype=dtype)
 
 
+def load_pipeline_from_config(cfg):
+    """Load ``cfg.model`` (a :class:`genalign.config.PipelineConfig`) with its optional VAE override ``cfg.vae``
+    (e.g. ``madebyollin/sdxl-vae-fp16-fix``); every Diffusers adapter builds through this.
+
+    Raises:
+        WeightsNotFoundError: the model or the VAE is unavailable; the message says how to provide it.
+    """
+    kwargs = {}
+    if cfg.vae:
+        from diffusers import AutoencoderKL
+
+        try:
+            kwargs["vae"] = AutoencoderKL.from_pretrained(cfg.vae)
+        except OSError as err:
+            raise WeightsNotFoundError(f"pipeline.vae: cannot load {cfg.vae!r}: {str(err).splitlines()[0][:160]}. "
+                                       "Provide a local folder or allow network access.") from None
+    pipe = load_diffusers_pipeline(cfg.model, cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    if "vae" in kwargs and cfg.model.startswith("tiny:"):  # tiny builders take no kwargs: swap it in afterwards
+        pipe.vae = kwargs["vae"]
+    return pipe
+
 class DiffusionAdapter:
     """Base adapter over a Diffusers text-to-image pipeline (subclasses: :class:`~genalign.pipelines.sd.SDAdapter`,
     :class:`~genalign.pipelines.sdxl.SDXLAdapter`).
@@ -210,18 +231,7 @@ class DiffusionAdapter:
     @classmethod
     def from_config(cls, cfg, device="cpu", weight_dtype=torch.float32) -> "DiffusionAdapter":
         """Build from a :class:`genalign.config.PipelineConfig` (loads the model, optional VAE override)."""
-        kwargs = {}
-        if cfg.vae:
-            from diffusers import AutoencoderKL
-
-            try:
-                kwargs["vae"] = AutoencoderKL.from_pretrained(cfg.vae)
-            except OSError as err:
-                raise WeightsNotFoundError(f"pipeline.vae: cannot load {cfg.vae!r}: {str(err).splitlines()[0][:160]}. "
-                                           "Provide a local folder or allow network access.") from None
-        pipe = load_diffusers_pipeline(cfg.model, cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs)
-        if "vae" in kwargs and cfg.model.startswith("tiny:"):
-            pipe.vae = kwargs["vae"]
+        pipe = load_pipeline_from_config(cfg)
         return cls(pipe, lora=cfg.lora, reference=cfg.reference, device=device, weight_dtype=weight_dtype,
                    gradient_checkpointing=cfg.gradient_checkpointing, attention=cfg.attention,
                    resolution=cfg.resolution)

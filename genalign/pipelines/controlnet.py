@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from genalign.pipelines.base import DiffusionAdapter, _to, load_diffusers_pipeline
+from genalign.pipelines.base import DiffusionAdapter, _to, load_pipeline_from_config
 from genalign.registry import pipelines as PIPELINES
 from genalign.rewards.base import WeightsNotFoundError
 
@@ -191,14 +191,7 @@ class ControlNetAdapter(DiffusionAdapter):
         Raises:
             WeightsNotFoundError: base model unavailable. ValueError: ``pipeline.lora`` is set.
         """
-        kwargs = {}
-        if cfg.vae:
-            from diffusers import AutoencoderKL
-
-            kwargs["vae"] = AutoencoderKL.from_pretrained(cfg.vae)
-        pipe = load_diffusers_pipeline(cfg.model, cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs)
-        if "vae" in kwargs and cfg.model.startswith("tiny:"):
-            pipe.vae = kwargs["vae"]
+        pipe = load_pipeline_from_config(cfg)
         return cls(pipe, lora=cfg.lora, device=device, weight_dtype=weight_dtype,
                    gradient_checkpointing=cfg.gradient_checkpointing, attention=cfg.attention,
                    resolution=cfg.resolution)

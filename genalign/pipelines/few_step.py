@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import torch
 
-from genalign.pipelines.base import DiffusionAdapter, load_diffusers_pipeline
+from genalign.pipelines.base import DiffusionAdapter, load_pipeline_from_config
 from genalign.pipelines.sd import SDAdapter
 from genalign.pipelines.sdxl import SDXLAdapter
 from genalign.registry import pipelines as PIPELINES
@@ -342,14 +342,7 @@ class FewStepAdapter(FewStepMixin, DiffusionAdapter):
         """
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-        kwargs = {}
-        if cfg.vae:
-            from diffusers import AutoencoderKL
-
-            kwargs["vae"] = AutoencoderKL.from_pretrained(cfg.vae)
-        pipe = load_diffusers_pipeline(cfg.model, cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs)
-        if "vae" in kwargs and cfg.model.startswith("tiny:"):
-            pipe.vae = kwargs["vae"]
+        pipe = load_pipeline_from_config(cfg)
         if isinstance(pipe, StableDiffusionXLPipeline):
             klass = FewStepSDXLAdapter
         elif isinstance(pipe, StableDiffusionPipeline):
