@@ -20,15 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
-
-
-def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The UNet's peft LoRA weights in Diffusers' key format (``convert_state_dict_to_diffusers``)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+from genalign.pipelines.base import LORA_FILE, lora_state_dict  # noqa: F401  (re-exported: export API)
 
 
 def export_pipeline(model, cfg, out_dir: str | Path, summary: dict | None = None) -> Path:
@@ -46,37 +38,12 @@ def export_pipeline(model, cfg, out_dir: str | Path, summary: dict | None = None
     Raises:
         OSError: disk full / permission errors; the temporary folder is removed and ``out_dir`` is untouched.
     """
-    from genalign.pipelines.base import load_diffusers_pipeline
-
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
     try:
-        unet = getattr(model, "_raw_unet", model.unet)
-        pipe_cls = type(model.pipe)
-        if hasattr(model, "write_export"):  # adapters with their own layout (ControlNet, few-step generators)
-            model.write_export(tmp, cfg)
-        elif cfg.pipeline.lora is not None:
-            lora = lora_state_dict(unet)
-            lora_dir = tmp / "_lora"
-            pipe_cls.save_lora_weights(str(lora_dir), unet_lora_layers=lora, safe_serialization=True)
-            base = load_diffusers_pipeline(cfg.pipeline.model, cfg.pipeline.revision)
-            if cfg.pipeline.vae:
-                from diffusers import AutoencoderKL
-
-                base.vae = AutoencoderKL.from_pretrained(cfg.pipeline.vae)
-            base.load_lora_weights(str(lora_dir))
-            base.fuse_lora()
-            base.unload_lora_weights()
-            base.save_pretrained(str(tmp))
-            shutil.move(str(lora_dir / LORA_FILE), str(tmp / LORA_FILE))
-            shutil.rmtree(lora_dir)
-        else:
-            model.pipe.unet = unet
-            model.pipe.save_pretrained(str(tmp))
-        card = model_card(cfg, summary)
-        if hasattr(model, "model_card_extra"):  # adapters may add a section (few-step usage, value provenance)
-            card += model.model_card_extra(cfg)
+        model.write_export(tmp, cfg)  # the adapter knows its layout (SD/SDXL, ControlNet, few-step, audio)
+        card = model_card(cfg, summary) + model.model_card_extra(cfg)
         (tmp / "README.md").write_text(card)
         (tmp / "genalign_config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         if out_dir.exists():
@@ -145,8 +112,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "late
         raise FileNotFoundError(f"{run_dir}: no complete checkpoint under checkpoints/ to export")
     cfg = load_config(ck / "config.yaml")
     model = pipelines.get(cfg.pipeline.name).from_config(cfg.pipeline)
-    # adapters whose trained network is not the UNet (ControlNet) name it in ``trainable_module``
-    load_trainable(getattr(model, "trainable_module", None) or model.unet, ck / "trainable.safetensors")
+    load_trainable(model.denoiser(), ck / "trainable.safetensors")
     summary_file = run_dir / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else None
     return export_pipeline(model, cfg, out_dir, summary)

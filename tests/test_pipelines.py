@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from genalign.config import LoraConfig
-from genalign.objectives.base import paired_denoising_losses, reference_losses
 from genalign.objectives.mapo import mapo_loss
-from genalign.pipelines.base import per_sample_mse
+from genalign.pipelines.denoising import paired_denoising_losses, per_sample_error, reference_losses
 from genalign.pipelines.sd import SDAdapter
 from genalign.pipelines.sdxl import SDXLAdapter
 from genalign.pipelines.tiny import tiny_clip_tokenizer, tiny_sd_pipeline, tiny_sdxl_pipeline
@@ -125,5 +124,5 @@ def test_sdxl_conditioning_has_pooled_and_time_ids():
 def test_per_sample_mse_upcasts_and_reduces():
     a = torch.ones(2, 3, dtype=torch.float16)
     b = torch.zeros(2, 3, dtype=torch.float16)
-    assert per_sample_mse(a, b).dtype == torch.float32
-    assert per_sample_mse(a, b, "sum").tolist() == [3.0, 3.0]
+    assert per_sample_error(a, b).dtype == torch.float32
+    assert per_sample_error(a, b, "sum").tolist() == [3.0, 3.0]

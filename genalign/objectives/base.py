@@ -1,12 +1,9 @@
-"""Objective base class and the shared paired-denoising plumbing of diffusion preference objectives.
+"""The Objective base class: every hook the trainer calls, declared here with a no-op default.
 
 An objective declares what it needs (``needs_reference``, ``needs_reward``, ``data_kind``) and a typed
 ``Config`` (pydantic; every [recon] value of its method card is a field), and computes
-``loss(batch, generator) -> LossOutput``. The math lives in a pure function in the same file.
-
-:func:`paired_denoising_losses` implements the batch layout every paired method shares (methods README §1-§2):
-one noise draw and one timestep per pair, repeated for winner and loser; a single UNet forward over 2B rows
-``[winners; losers]``; per-sample losses reduced from the single 2B-row output, then split.
+``loss(batch, generator) -> LossOutput``. The math lives in a pure function in the same file; shared diffusion
+machinery (noising, targets, per-sample errors, samplers, LoRA folding) lives in :mod:`genalign.pipelines`.
 """
 
 from __future__ import annotations
@@ -18,7 +15,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from genalign.pipelines.base import DiffusionAdapter, per_sample_mse, repeat_cond
+from genalign.pipelines.base import DiffusionAdapter
 
 
 class ObjectiveParams(BaseModel):
@@ -53,6 +50,18 @@ class Phase:
 
 
 @dataclass
+class StepResult:
+    """What an objective asks of the trainer after an optimizer step (:meth:`Objective.on_step_end`).
+
+    Attributes:
+        reset_optimizer_state: clear every optimizer's moments (DDO starts each self-play round from fresh
+            AdamW state, as the paper restarts from θ*_n). The trainer does it; objectives never touch optimizers.
+    """
+
+    reset_optimizer_state: bool = False
+
+
+@dataclass
 class TrainContext:
     """What an objective may use to build its data: the run config, model, rewards, run folder, accelerator."""
 
@@ -66,12 +75,15 @@ class TrainContext:
 class Objective:
     """Base class. Subclasses set the class attributes, a nested ``Config`` and implement :meth:`loss`.
 
-    The trainer talks to an objective only through the hooks below, so a new method is one new file:
+    The trainer talks to an objective only through the hooks below (each has a default here, so the trainer never
+    probes with ``hasattr``), and a new method is one new file:
 
     - :meth:`build_data` → an object with ``n`` (rows) and ``batch(idx)`` (model-ready dict);
     - :meth:`phases` → the alternating updates of one step (default: one phase, :meth:`loss`);
-    - :meth:`trainable_modules` → modules prepared by Accelerate and saved in checkpoints;
-    - :meth:`sample` → images for validation rewards; :meth:`state_dict` → online state kept in checkpoints.
+    - :meth:`trainable_modules` / :meth:`use_prepared` → modules prepared by Accelerate and saved in checkpoints;
+    - :meth:`on_step_end` → round boundaries after each optimizer step (returns a :class:`StepResult`);
+    - :meth:`sample` → samples for validation rewards; :meth:`summary_metrics` → extra figures for summary.json;
+    - :meth:`state_dict` / :meth:`load_state_dict` → online state kept in checkpoints.
 
     Args:
         config: an instance of the subclass's ``Config``.
@@ -102,13 +114,22 @@ class Objective:
         return [Phase("main", self.model.trainable_parameters(), self.loss)]
 
     def trainable_modules(self) -> list[torch.nn.Module]:
-        """Modules holding trainable parameters (prepared by Accelerate, saved in checkpoints)."""
-        return [self.model.unet]
+        """Modules holding trainable parameters (prepared by Accelerate, saved in checkpoints); default: the
+        adapter's trainable network (:meth:`DiffusionAdapter.denoiser`)."""
+        return [self.model.denoiser()]
 
     def use_prepared(self, modules: list[torch.nn.Module]) -> None:
-        """Receive the Accelerate-wrapped modules (same order as :meth:`trainable_modules`) for the forward pass."""
-        self.model._raw_unet = self.model.unet
-        self.model.unet = modules[0]
+        """Receive the Accelerate-wrapped modules (same order as :meth:`trainable_modules`) for the forward pass;
+        default: hand the first to the adapter (:meth:`DiffusionAdapter.use_prepared`)."""
+        self.model.use_prepared(modules[0])
+
+    def on_step_end(self, step: int) -> StepResult:
+        """Called after optimizer step ``step`` (1-based count of completed steps) on every rank; default: nothing."""
+        return StepResult()
+
+    def summary_metrics(self) -> dict[str, Any]:
+        """Objective-specific figures for ``summary.json`` (DRAGON win rates, DDO rounds); default: none."""
+        return {}
 
     def sample(self, prompts: list[str], vcfg, generators: list[torch.Generator]) -> torch.Tensor:
         """Images ``(N, 3, H, W)`` in [0, 1] for validation; default: the pipeline's own sampler."""
@@ -122,62 +143,3 @@ class Objective:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
-
-
-@dataclass
-class PairedForward:
-    """What :func:`paired_denoising_losses` computed, kept so a reference pass reuses exactly the same inputs."""
-
-    losses_w: torch.Tensor  # (B,)
-    losses_l: torch.Tensor  # (B,)
-    x_t: torch.Tensor  # (2B, C, h, w)
-    timesteps: torch.Tensor  # (2B,)
-    target: torch.Tensor  # (2B, C, h, w)
-    cond: dict[str, Any]  # 2B rows
-
-
-def draw_pair_noise(latents_w: torch.Tensor, num_train_timesteps: int, generator: torch.Generator | None = None):
-    """One noise tensor ``(B, C, h, w)`` and one timestep ``(B,)`` ~ U{0..T−1} per pair, on the latents' device."""
-    b = latents_w.shape[0]
-    noise = torch.randn(latents_w.shape, generator=generator, device="cpu").to(latents_w.device)
-    t = torch.randint(0, num_train_timesteps, (b,), generator=generator, device="cpu").to(latents_w.device)
-    return noise, t
-
-
-def paired_denoising_losses(model: DiffusionAdapter, latents_w: torch.Tensor, latents_l: torch.Tensor,
-                            cond: dict[str, Any], generator: torch.Generator | None = None,
-                            reduction: str = "mean") -> PairedForward:
-    """Policy per-sample denoising losses of a batch of pairs with shared noise and timestep.
-
-    Args:
-        model: the adapter (its trainable UNet is called once on 2B rows).
-        latents_w, latents_l: scaled latents ``(B, C, h, w)`` of the chosen / rejected images.
-        cond: conditioning for ``B`` rows (repeated ×2 here, so both members see identical conditioning).
-        generator: CPU generator for noise and timesteps (seeded by the trainer per step).
-        reduction: "mean" (official recipes) or "sum" over C, h, w.
-
-    Returns:
-        :class:`PairedForward` with ``losses_w``, ``losses_l`` of shape ``(B,)`` in fp32.
-
-    Source: MaPO ``train.py`` L377–436 and Diffusion-DPO ``train.py`` L1053–1055 (methods README §1-§2).
-    """
-    if latents_w.shape != latents_l.shape:
-        raise ValueError(f"winner/loser latents differ in shape: {tuple(latents_w.shape)} vs {tuple(latents_l.shape)}")
-    noise, t = draw_pair_noise(latents_w, model.num_train_timesteps, generator)
-    x0 = torch.cat([latents_w, latents_l])
-    noise2, t2 = noise.repeat(2, 1, 1, 1), t.repeat(2)
-    cond2 = repeat_cond(cond, 2)
-    x_t = model.add_noise(x0, noise2, t2)
-    target = model.target(x0, noise2, t2)
-    pred = model.predict(x_t, t2, cond2)
-    losses = per_sample_mse(pred, target, reduction)  # reduce the 2B tensor once, then split
-    losses_w, losses_l = losses.chunk(2)
-    return PairedForward(losses_w, losses_l, x_t, t2, target, cond2)
-
-
-def reference_losses(model: DiffusionAdapter, fwd: PairedForward, reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference per-sample losses ``(B,)``, ``(B,)`` on exactly the policy's inputs, without gradient."""
-    with model.reference() as ref_unet:
-        pred = model.predict(fwd.x_t, fwd.timesteps, fwd.cond, unet=ref_unet)
-        losses = per_sample_mse(pred, fwd.target, reduction)
-    return tuple(losses.detach().chunk(2))  # type: ignore[return-value]

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from genalign.objectives.base import LossOutput, Objective, ObjectiveParams, paired_denoising_losses, reference_losses
+from genalign.objectives.base import LossOutput, Objective, ObjectiveParams
+from genalign.pipelines.denoising import paired_denoising_losses
 from genalign.registry import objectives as OBJECTIVES
 
 
@@ -73,8 +74,9 @@ class DiffusionDPO(Objective):
 
     def loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> LossOutput:
         c = self.config
+        # The reference pass runs first (no_grad, adapters off): peak memory is the policy's alone.
         fwd = paired_denoising_losses(self.model, batch["latents_w"], batch["latents_l"], batch["cond"], generator,
-                                      reduction=c.reduction)
-        ref_w, ref_l = reference_losses(self.model, fwd, reduction=c.reduction)
-        loss, metrics = diffusion_dpo_loss(fwd.losses_w, fwd.losses_l, ref_w, ref_l, beta=c.beta, half_factor=c.half_factor)
+                                      reduction=c.reduction, with_reference=True)
+        loss, metrics = diffusion_dpo_loss(fwd.losses_w, fwd.losses_l, fwd.ref_w, fwd.ref_l, beta=c.beta,
+                                           half_factor=c.half_factor)
         return LossOutput(loss, metrics)

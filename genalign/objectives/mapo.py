@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from genalign.objectives.base import LossOutput, Objective, ObjectiveParams, paired_denoising_losses
+from genalign.objectives.base import LossOutput, Objective, ObjectiveParams
+from genalign.pipelines.denoising import paired_denoising_losses
 from genalign.registry import objectives as OBJECTIVES
 
 

@@ -11,8 +11,8 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from genalign.objectives.base import LossOutput, Objective, ObjectiveParams, draw_pair_noise
-from genalign.pipelines.base import per_sample_mse
+from genalign.objectives.base import LossOutput, Objective, ObjectiveParams
+from genalign.pipelines.denoising import draw_noise, per_sample_error
 from genalign.registry import objectives as OBJECTIVES
 
 
@@ -33,7 +33,7 @@ class SFT(Objective):
 
     def loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> LossOutput:
         x0 = batch["latents_w"]
-        noise, t = draw_pair_noise(x0, self.model.num_train_timesteps, generator)
+        noise, t = draw_noise(x0, self.model.num_train_timesteps, generator)
         pred = self.model.predict(self.model.add_noise(x0, noise, t), t, batch["cond"])
-        losses = per_sample_mse(pred, self.model.target(x0, noise, t), self.config.reduction)
+        losses = per_sample_error(pred, self.model.target(x0, noise, t), self.config.reduction)
         return LossOutput(*sft_loss(losses))

@@ -175,7 +175,22 @@ class _AudioAdapterMixin:
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """LoRA weights, or the whole denoiser for full fine-tunes."""
-        return [p for p in self.unet.parameters() if p.requires_grad]
+        return [p for p in self.denoiser().parameters() if p.requires_grad]
+
+    def denoiser(self) -> torch.nn.Module:
+        """The trained DiT / UNet, unwrapped (never the DDP wrapper)."""
+        raw = getattr(self, "_raw_unet", None)  # set by use_prepared
+        return raw if raw is not None else self.unet
+
+    def use_prepared(self, module: torch.nn.Module) -> None:
+        """Install the Accelerate-wrapped denoiser for training forwards."""
+        if getattr(self, "_raw_unet", None) is None:
+            self._raw_unet = self.unet
+        self.unet = module
+
+    def model_card_extra(self, cfg) -> str:
+        """No extra model-card section for audio exports."""
+        return ""
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[Any]:

@@ -75,19 +75,6 @@ def load_diffusers_pipeline(model: str, revision: str | None = None, torch_dtype
         ) from None
 
 
-def per_sample_mse(pred: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Per-sample squared error in fp32: ``(N, ...)`` → ``(N,)``, mean (official recipes) or sum over non-batch dims.
-
-    Both inputs are upcast *before* subtracting (methods README §5).
-    """
-    err = (pred.float() - target.float()).pow(2).flatten(1)
-    if reduction == "mean":
-        return err.mean(dim=1)
-    if reduction == "sum":
-        return err.sum(dim=1)
-    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-
-
 def repeat_cond(cond: dict[str, Any], n: int) -> dict[str, Any]:
     """Repeat every tensor of a conditioning dict ``n`` times along dim 0 (rows [c; c; ...]), recursively."""
     out = {}
@@ -175,7 +162,7 @@ class DiffusionAdapter:
         self.pipe = pipe
         self.device = torch.device(device)
         self.weight_dtype = weight_dtype
-        self.unet = pipe.unet
+        self.unet = pipe.unet  # the network forwards go through (the Accelerate wrapper once prepared)
         self.vae = pipe.vae
         self.lora = lora
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -243,7 +230,19 @@ class DiffusionAdapter:
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """Parameters the optimizer updates (LoRA weights, or the whole UNet)."""
-        return [p for p in self.unet.parameters() if p.requires_grad]
+        return [p for p in self.denoiser().parameters() if p.requires_grad]
+
+    def denoiser(self) -> torch.nn.Module:
+        """The trained network, unwrapped (never the DDP/FSDP wrapper): for reference passes, sampling, snapshots,
+        LoRA folding and export."""
+        raw = getattr(self, "_raw_unet", None)  # set by use_prepared
+        return raw if raw is not None else self.unet
+
+    def use_prepared(self, module: torch.nn.Module) -> None:
+        """Install the Accelerate-wrapped trained network for training forwards (:meth:`predict` without ``unet``)."""
+        if getattr(self, "_raw_unet", None) is None:
+            self._raw_unet = self.unet
+        self.unet = module
 
     def encode_prompt(self, prompts: list[str]) -> dict[str, Any]:
         """Text conditioning for ``B`` prompts, as a dict passed to :meth:`predict` (implemented per family)."""
@@ -295,7 +294,7 @@ class DiffusionAdapter:
             if self.ref_unet is not None:
                 yield self.ref_unet
                 return
-            unet = getattr(self, "_raw_unet", self.unet)  # never the DDP wrapper (README §4)
+            unet = self.denoiser()  # never the DDP wrapper (README §4)
             unet.disable_adapters()
             try:
                 yield unet
@@ -325,4 +324,50 @@ class DiffusionAdapter:
 
     def save_unet(self, out_dir: str | Path) -> None:
         """Save the trained UNet (full fine-tune) in Diffusers format."""
-        self.unet.save_pretrained(out_dir)
+        self.denoiser().save_pretrained(out_dir)
+
+    def write_export(self, out_dir: str | Path, cfg) -> None:
+        """Write a complete Diffusers pipeline folder for the trained model into the (empty, temporary) ``out_dir``.
+
+        With LoRA: ``pytorch_lora_weights.safetensors`` plus a fresh fp32 base pipeline with that file loaded,
+        fused and unloaded through vanilla Diffusers (so the exported LoRA is proven loadable by Diffusers
+        itself, and the fold happens in fp32). Full fine-tune: the pipeline with the trained UNet.
+        Adapters with another layout (ControlNet, few-step, audio) override this.
+
+        Raises:
+            WeightsNotFoundError: the base model cannot be reloaded for the merge.
+        """
+        import shutil
+
+        out_dir = Path(out_dir)
+        unet = self.denoiser()
+        if cfg.pipeline.lora is None:
+            self.pipe.unet = unet
+            self.pipe.save_pretrained(str(out_dir))
+            return
+        lora_dir = out_dir / "_lora"
+        type(self.pipe).save_lora_weights(str(lora_dir), unet_lora_layers=lora_state_dict(unet),
+                                          safe_serialization=True)
+        base = load_pipeline_from_config(cfg.pipeline)
+        base.load_lora_weights(str(lora_dir))
+        base.fuse_lora()
+        base.unload_lora_weights()
+        base.save_pretrained(str(out_dir))
+        shutil.move(str(lora_dir / LORA_FILE), str(out_dir / LORA_FILE))
+        shutil.rmtree(lora_dir)
+
+    def model_card_extra(self, cfg) -> str:
+        """Markdown appended to the export's model card (few-step usage, value provenance); default: none."""
+        return ""
+
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The network's peft LoRA weights in Diffusers' key format (peft ``get_peft_model_state_dict`` +
+    diffusers ``convert_state_dict_to_diffusers``), as saved by ``save_lora_weights``."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from genalign.rewards.base import Reward
+from genalign.rewards.normalize import rank_normalize, zscore
 
 Normalize = Literal["none", "zscore", "rank", "running"]
 _NORMALIZERS = ("none", "zscore", "rank", "running")
@@ -81,25 +82,6 @@ class RewardSpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def zscore(scores: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Within-batch z-score ``(r − mean) / (std + eps)`` with the population std; ``(B,)`` → ``(B,)``; B = 1 → 0."""
-    if scores.numel() < 2:
-        return scores * 0.0
-    return (scores - scores.mean()) / (scores.std(unbiased=False) + eps)
-
-
-def rank_normalize(scores: torch.Tensor) -> torch.Tensor:
-    """Within-batch ranks mapped to [0, 1] (``rank/(B−1)``; ties get their average rank); B = 1 → 0.5. No grad."""
-    s = scores.detach().flatten()
-    b = s.numel()
-    if b < 2:
-        return torch.full_like(s, 0.5)
-    # average rank of ties: (#less) + (#equal − 1)/2
-    less = (s[None, :] < s[:, None]).sum(1).to(s.dtype)
-    equal = (s[None, :] == s[:, None]).sum(1).to(s.dtype)
-    return (less + (equal - 1) / 2) / (b - 1)
 
 
 class RunningStats(nn.Module):

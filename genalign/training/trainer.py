@@ -274,8 +274,10 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: str | None = None, progre
             if ema is not None:
                 ema.step(all_params)
             state["step"] = step + 1
-            if hasattr(objective, "on_step_end"):  # round boundaries (DDO self-play, DRAGON on-policy rounds)
-                objective.on_step_end(state["step"], optimizers)
+            result = objective.on_step_end(state["step"])  # round boundaries (DDO self-play, DRAGON rounds)
+            if result is not None and result.reset_optimizer_state:
+                for opt in optimizers:
+                    getattr(opt, "optimizer", opt).state.clear()  # the Accelerate wrapper holds the torch optimizer
             last_metrics = {k: _mean_over_ranks(acc, v) for k, v in sorted(metrics_acc.items())}
             last_metrics["lr"] = schedulers[-1].get_last_lr()[0]
             loss_key = "loss" if "loss" in last_metrics else f"{phases[-1].name}/loss"
@@ -317,8 +319,9 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: str | None = None, progre
         "heldout_prompts": cfg.validation.prompts, "samples_per_prompt": cfg.validation.samples_per_prompt,
         "final_metrics": last_metrics, "history": history,
     }
-    if hasattr(objective, "summary_metrics"):  # objective-specific evaluation (DRAGON win rate, DDO rounds)
-        summary["objective_metrics"] = objective.summary_metrics()
+    objective_metrics = objective.summary_metrics()  # objective-specific evaluation (DRAGON win rate, DDO rounds)
+    if objective_metrics:
+        summary["objective_metrics"] = objective_metrics
     if acc.is_main_process and cfg.export.enabled:
         from genalign.export import export_pipeline
 
