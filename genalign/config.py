@@ -144,8 +144,12 @@ class TrainConfig(Strict):
     batch_size: int = Field(8, ge=1, description="pairs (or samples) per device per micro-step")
     gradient_accumulation_steps: int = Field(1, ge=1)
     learning_rate: float = Field(1e-4, gt=0)
-    lr_scheduler: Literal["constant", "warmup", "cosine"] = "constant"
+    lr_scheduler: Literal["constant", "constant_with_warmup", "warmup", "linear", "cosine", "cosine_with_restarts",
+                          "polynomial"] = Field(
+        "constant", description="diffusers.optimization.get_scheduler name; 'warmup' = constant_with_warmup")
     warmup_steps: int = Field(0, ge=0)
+    optimizer: Literal["adamw", "adamw_8bit", "adafactor"] = Field(
+        "adamw", description="adamw (torch) | adamw_8bit (bitsandbytes) | adafactor (transformers, Diffusion-DPO paper)")
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
     weight_decay: float = Field(1e-2, ge=0)
@@ -159,6 +163,9 @@ class TrainConfig(Strict):
     log_every: int = Field(10, ge=1)
     on_nan: Literal["halt", "skip"] = "halt"
     trackers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads; None = OMP_NUM_THREADS if set, "
+                                    "else the cores in this process's affinity mask")
+    ddp_timeout_s: int = Field(1800, ge=1, description="process-group timeout: a stalled rank ends the run after it")
 
 
 class ValidationConfig(Strict):
