@@ -80,7 +80,7 @@ class PreferenceData(Strict):
     max_pairs: int | None = Field(None, ge=1)
     pair_augment: Literal["joint", "independent"] = "joint"
     hflip: bool = True
-    random_crop: bool = False
+    random_crop: bool = Field(False, description="MaPO --random_crop: uniform crop offset (else centre)")
 
 
 class PromptsData(Strict):
@@ -120,7 +120,13 @@ class DataConfig(Strict):
                             Annotated[PromptsData, Tag("prompts")], Annotated[ImagesData, Tag("images")]],
                       Discriminator(_source_kind)] = Field(default_factory=OnPolicyData)
     cache_latents: bool = True
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes decoding streamed pairs")
+    prefetch: int = Field(2, ge=1, description="micro-batches each worker decodes ahead")
+    proportion_empty_prompts: float = Field(0.0, ge=0, lt=1, description="caption dropout (SF-DPO 0.2, MaPO 0)")
+    time_ids: Literal["per_sample", "fixed"] = Field(
+        "per_sample", description="SDXL time_ids: per_sample (MaPO, diffusers) | fixed [res,res,0,0,res,res] (SF-DPO)")
+    latent_sample: Literal["per_step", "frozen", "mean"] = Field(
+        "per_step", description="VAE posterior: a fresh seeded draw per use (official loops) | one draw per image | mean")
 
 
 class RewardItem(Strict):

@@ -1,8 +1,9 @@
-"""Training data as model inputs: cached pair latents, prompt batches, and the seeded batch order.
+"""Training data as model inputs: cached pair latents, streamed pairs, prompt batches, and the seeded batch order.
 
 Every data object has ``n`` (rows) and ``batch(idx) -> dict`` (model-ready tensors on the model's device), and the
 rows of micro-step m are a pure function of (seed, m, rank) (:func:`micro_batch_indices`), so a resumed run sees
-exactly the batches an uninterrupted run would have.
+exactly the batches an uninterrupted run would have. Offline preference data is streamed
+(:class:`~genalign.data.streaming.StreamedPairs`) unless ``data.cache_latents`` asks to encode a small set once.
 """
 
 from __future__ import annotations
@@ -12,43 +13,66 @@ from typing import Any
 
 import torch
 
-class CachedPairs:
-    """Pairs as model inputs: latents ``(N, C, h, w)`` for chosen / rejected and text conditioning for N rows.
+from genalign.data.preference import PreferencePairs, PreferenceSource, load_preference_pairs
+from genalign.data.streaming import (StreamedPairs, conditioning, dropout_mask, latent_generators,
+                                     latents_from_posterior, micro_batch_indices, row_offset, stream_position,
+                                     vae_posterior)
 
-    With ``cache_latents`` the VAE and text encoders run once here, so a training step runs the UNet only;
-    without it, images and prompts are kept and encoded per batch.
+__all__ = ["CachedPairs", "PromptData", "StreamedPairs", "build_default_data", "load_training_pairs",
+           "micro_batch_indices", "row_offset"]
+
+
+class CachedPairs:
+    """In-memory pairs (small sets: on-policy pairs, digits) as model inputs for N rows.
+
+    With ``cache`` the VAE and text encoders run once here: the VAE posterior mean and std are kept and the
+    latent sample is drawn per use from a generator seeded by the row's stream position (``latent_sample:
+    per_step``, as the official loops re-sample every step; exact on resume), or drawn once at cache time
+    (``frozen``, the old behaviour) or not at all (``mean``). Without ``cache``, images and prompts are kept and
+    encoded per batch. Caption dropout (``proportion_empty_prompts``) swaps in the cached empty-prompt embedding
+    per use; ``time_ids: fixed`` gives every pair ``[res, res, 0, 0, res, res]``.
+
+    Args:
+        model: pipeline adapter. pairs: :class:`PreferencePairs` (images ``(N, 3, H, W)`` in [0, 1]).
+        batch_size / rank / world / encode_seed: the trainer's stream parameters (``encode_seed`` = run seed).
+        max_micro_steps: bound for locating a batch's micro-step (steps × accumulation).
     """
 
-    def __init__(self, model, pairs, cache: bool = True, batch_size: int = 32, encode_seed: int = 0):
+    def __init__(self, model, pairs, cache: bool = True, batch_size: int = 32, encode_seed: int = 0, *,
+                 stream_batch_size: int | None = None, rank: int = 0, world: int = 1, latent_sample: str = "per_step",
+                 proportion_empty_prompts: float = 0.0, time_ids: str = "per_sample", max_micro_steps: int = 10**7):
         self.model, self.pairs, self.cache = model, pairs, cache
         self.n = len(pairs)
-        self.encode_seed = encode_seed
+        self.encode_seed, self.latent_sample, self.time_ids = encode_seed, latent_sample, time_ids
+        self.p_empty = proportion_empty_prompts
+        self.stream = (stream_batch_size, rank, world)
+        self.max_micro_steps = max_micro_steps
+        self._next_m = None
+        self.empty_cond = None
+        if proportion_empty_prompts > 0:
+            self.empty_cond = {k: v.cpu() for k, v in conditioning(model, [""], torch.zeros(1, 2, dtype=torch.long),
+                                                                    torch.zeros(1, 2, dtype=torch.long), "fixed").items()
+                               if k not in ("time_ids",)}
         if cache:
             g = torch.Generator(device="cpu").manual_seed(encode_seed)
-            lw, ll, conds = [], [], []
+            means, stds, conds = {0: [], 1: []}, {0: [], 1: []}, []
             for i in range(0, self.n, batch_size):
                 sl = slice(i, i + batch_size)
-                lw.append(self._encode(pairs.chosen[sl], g).cpu())
-                ll.append(self._encode(pairs.rejected[sl], g).cpu())
+                for j, imgs in enumerate((pairs.chosen[sl], pairs.rejected[sl])):
+                    mean, std = vae_posterior(model, imgs)
+                    if latent_sample == "frozen":  # one draw per image at cache time (same order as before)
+                        eps = torch.randn(mean.shape, generator=g).to(mean.device)
+                        mean, std = mean + std * eps, torch.zeros_like(std)
+                    means[j].append(mean.cpu())
+                    stds[j].append(std.cpu())
                 conds.append(self._cond(list(range(i, min(i + batch_size, self.n)))))
-            self.latents_w, self.latents_l = torch.cat(lw), torch.cat(ll)
+            self.mean_w, self.mean_l = torch.cat(means[0]), torch.cat(means[1])
+            self.std_w, self.std_l = torch.cat(stds[0]), torch.cat(stds[1])
             self.cond = {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
 
-    def _encode(self, images, g):
-        # The VAE posterior sample needs a CPU generator for determinism on any device.
-        x = images.to(self.model.device) * 2 - 1
-        dist = self.model.vae.encode(x.float()).latent_dist
-        eps = torch.randn(dist.mean.shape, generator=g).to(dist.mean.device)
-        latents = dist.mean + dist.std * eps
-        shift = getattr(self.model.vae.config, "shift_factor", None) or 0.0
-        return (latents - shift) * self.model.vae.config.scaling_factor
-
-    @torch.no_grad()
     def _cond(self, idx: list[int]) -> dict[str, torch.Tensor]:
-        cond = self.model.encode_prompt([self.pairs.prompts[i] for i in idx])
-        extra = self.model.pair_extra_cond({"original_sizes": self.pairs.original_sizes[idx],
-                                            "crop_top_lefts": self.pairs.crop_top_lefts[idx]})
-        cond.update(extra)
+        cond = conditioning(self.model, [self.pairs.prompts[i] for i in idx], self.pairs.original_sizes[idx],
+                            self.pairs.crop_top_lefts[idx], self.time_ids)
         return {k: v.cpu() for k, v in cond.items()}
 
     @property
@@ -56,49 +80,55 @@ class CachedPairs:
         """Rows skipped while loading (ties, unreadable images, small reward gaps), by reason."""
         return self.pairs.skipped
 
+    def positions(self, idx: torch.Tensor) -> list[int]:
+        """Stream positions of ``idx``'s rows (negative row-id keys when ``idx`` is not a micro-batch of the run)."""
+        b, rank, world = self.stream
+        m = None
+        if b is not None:
+            m = stream_position(idx, self.n, b, rank, world, self.encode_seed, self._next_m, self.max_micro_steps)
+        if m is None:
+            return [-1 - int(r) for r in idx.tolist()]
+        self._next_m = m + 1
+        start = row_offset(m, b, rank, world)
+        return list(range(start, start + len(idx)))
+
     def batch(self, idx: torch.Tensor) -> dict[str, Any]:
         """Model-ready batch for pair indices ``idx`` (on the model's device)."""
-        dev = self.model.device
+        dev, rows = self.model.device, idx.tolist()
+        pos = self.positions(idx)
+        mode = "mean" if self.latent_sample == "frozen" and self.cache else self.latent_sample
         if self.cache:
-            return {"latents_w": self.latents_w[idx].to(dev), "latents_l": self.latents_l[idx].to(dev),
-                    "cond": {k: v[idx].to(dev) for k, v in self.cond.items()}, "ids": idx.tolist()}
-        with torch.no_grad():
-            g = torch.Generator().manual_seed(self.encode_seed + int(idx[0]))
-            return {"latents_w": self._encode(self.pairs.chosen[idx], g), "latents_l": self._encode(self.pairs.rejected[idx], g),
-                    "cond": {k: v.to(dev) for k, v in self._cond(idx.tolist()).items()}, "ids": idx.tolist()}
+            lw = latents_from_posterior(self.model, self.mean_w[idx].to(dev), self.std_w[idx].to(dev),
+                                        latent_generators(self.encode_seed, pos, rows, mode, 0))
+            ll = latents_from_posterior(self.model, self.mean_l[idx].to(dev), self.std_l[idx].to(dev),
+                                        latent_generators(self.encode_seed, pos, rows, mode, 1))
+            cond = {k: v[idx].to(dev) for k, v in self.cond.items()}
+        else:
+            lat = []
+            for j, imgs in enumerate((self.pairs.chosen[idx], self.pairs.rejected[idx])):
+                mean, std = vae_posterior(self.model, imgs)
+                lat.append(latents_from_posterior(self.model, mean, std,
+                                                  latent_generators(self.encode_seed, pos, rows, mode, j)))
+            lw, ll = lat
+            cond = {k: v.to(dev) for k, v in self._cond(rows).items()}
+        drop = dropout_mask(self.encode_seed, pos, self.p_empty)
+        if any(drop):
+            mask = torch.tensor(drop, device=dev)
+            for k, v in self.empty_cond.items():
+                e = v.to(dev).expand_as(cond[k])
+                cond[k] = torch.where(mask.view(-1, *[1] * (cond[k].dim() - 1)), e, cond[k])
+        return {"latents_w": lw, "latents_l": ll, "cond": cond, "ids": rows}
 
 
-def row_offset(micro_step: int, batch_size: int, rank: int, world: int) -> int:
-    """Position in the row stream where this rank's micro-batch starts (also seeds its noise, so N ranks with
-    accumulation A and one rank with accumulation N·A see the same rows *and* the same noise)."""
-    return micro_step * batch_size * world + rank * batch_size
-
-
-def micro_batch_indices(n: int, micro_step: int, batch_size: int, rank: int, world: int, seed: int) -> torch.Tensor:
-    """Indices of this rank's rows for a global micro-step: an endless stream of seeded epoch permutations, cut
-    into global batches of ``batch_size × world`` rows; rank r takes the r-th slice. A pure function (exact resume)."""
-    start = row_offset(micro_step, batch_size, rank, world)
-    out = []
-    while len(out) < batch_size:
-        epoch, pos = divmod(start + len(out), n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        take = min(batch_size - len(out), n - pos)
-        out.extend(perm[pos:pos + take].tolist())
-    return torch.tensor(out)
-
-
-
-def load_training_pairs(cfg, model, rewards, run_dir: Path, acc):
-    """Offline preference pairs, or on-policy pairs generated once (rank 0) and cached in ``RUN_DIR/data``."""
+def load_training_pairs(cfg, model, rewards, run_dir: Path, acc) -> PreferencePairs:
+    """In-memory pairs: offline preference pairs decoded up front (``data.cache_latents``: small sets), or on-policy
+    pairs generated once (rank 0) and cached in ``RUN_DIR/data``."""
     src = cfg.data.source
     if src.kind == "preference":
-        from genalign.data.preference import load_preference_pairs
-
         return load_preference_pairs(src.source, model.resolution, split=src.split, ties=src.ties,
                                      max_pairs=src.max_pairs, hflip=src.hflip, pair_augment=src.pair_augment,
-                                     seed=cfg.seed)
+                                     seed=cfg.seed, random_crop=src.random_crop)
     from genalign.data.onpolicy import generate_onpolicy_pairs
-    from genalign.data.preference import PreferencePairs
     from genalign.data.prompts import load_prompts
 
     cache = run_dir / "data" / "onpolicy_pairs.pt"
@@ -137,7 +167,8 @@ class PromptData:
 
 
 def build_default_data(ctx, data_kind: str):
-    """Data for the built-in kinds: "pairs" (offline or on-policy preference pairs → :class:`CachedPairs`) and
+    """Data for the built-in kinds: "pairs" (offline preference pairs → :class:`StreamedPairs`, or with
+    ``data.cache_latents`` / on-policy pairs → :class:`CachedPairs`) and
     "prompts" (:class:`PromptData` from ``data.source.prompts``).
 
     Raises:
@@ -149,8 +180,18 @@ def build_default_data(ctx, data_kind: str):
         if cfg.data.source.kind not in ("onpolicy", "preference"):
             raise ValueError(f"data.source.kind: {cfg.data.source.kind!r}: objective {cfg.objective.name!r} needs "
                              "preference pairs (kind: preference or onpolicy)")
-        pairs = load_training_pairs(cfg, ctx.model, ctx.rewards, ctx.run_dir, ctx.accelerator)
-        return CachedPairs(ctx.model, pairs, cache=cfg.data.cache_latents, encode_seed=cfg.seed)
+        d, src, acc, t = cfg.data, cfg.data.source, ctx.accelerator, cfg.train
+        stream = {"rank": acc.process_index, "world": acc.num_processes, "latent_sample": d.latent_sample,
+                  "proportion_empty_prompts": d.proportion_empty_prompts, "time_ids": d.time_ids,
+                  "max_micro_steps": t.steps * t.gradient_accumulation_steps + 1}
+        if src.kind == "preference" and not d.cache_latents:
+            source = PreferenceSource(src.source, split=src.split, ties=src.ties, max_pairs=src.max_pairs)
+            return StreamedPairs(ctx.model, source, t.batch_size, seed=cfg.seed, hflip=src.hflip,
+                                 pair_augment=src.pair_augment, random_crop=src.random_crop, num_workers=d.num_workers,
+                                 prefetch=d.prefetch, **stream)
+        pairs = load_training_pairs(cfg, ctx.model, ctx.rewards, ctx.run_dir, acc)
+        return CachedPairs(ctx.model, pairs, cache=d.cache_latents, encode_seed=cfg.seed,
+                           stream_batch_size=t.batch_size, **stream)
     if data_kind == "prompts":
         from genalign.data.prompts import load_prompts
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from genalign.data.preference import _decode, resize_center_crop
+from genalign.data.preference import decode_image, resize_center_crop
 
 logger = logging.getLogger(__name__)
 
@@ -104,11 +104,11 @@ def load_image_data(source: str, resolution: int, image_column: str = "image", c
             skipped["missing_caption"] += 1
             continue
         try:
-            img = _decode(base / row[image_column] if base else row[image_column])
+            img = decode_image(base / row[image_column] if base else row[image_column])
             cond = None
             if condition_column:
                 c = row[condition_column]
-                cond = _decode(base / c if base else c)
+                cond = decode_image(base / c if base else c)
         except Exception:  # any decoder error: skip and count
             skipped["unreadable_images"] += 1
             continue
