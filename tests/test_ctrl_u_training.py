@@ -6,19 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from genalign.objectives.ctrl_u import ControlNetPP, ControlNetSFT, CtrlU, ConditionData
+from genalign.data.conditions import ConditionData
+from genalign.objectives.ctrl_u import ControlNetPP, ControlNetSFT, CtrlU
 from genalign.pipelines.controlnet import ControlNetAdapter
 from genalign.pipelines.tiny import tiny_sd_pipeline
-from genalign.rewards.condition import (
-    CannyEdges,
-    DigitStrokeMask,
-    DPTDepth,
-    Mask2FormerSeg,
-    SegformerSeg,
-    SoftEdges,
-    UperNetSeg,
-    labels_from_palette,
-)
+from genalign.rewards.condition import CannyEdges, DigitStrokeMask, DPTDepth, SoftEdges
+from genalign.rewards.segmentation import Mask2FormerSeg, SegformerSeg, UperNetSeg, labels_from_palette
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -222,13 +215,27 @@ def test_gating_only_decoded_rows_is_exact_and_empty_gate_is_zero():
 
 
 def test_lambda_ramp_follows_optimizer_steps():
+    # λ(s) uses s = completed optimizer steps, reported by the trainer through on_step_end (2 micro-batches a step)
     obj, model = _objective(CtrlU, lambda_ramp_steps=4, grad_scale=2.0, t_max=999)
-    obj._accum = 2
     batch = _batch(model, obj.reward, b=2)
-    lams = [obj.loss(batch, torch.Generator().manual_seed(i)).metrics["lambda"] for i in range(6)]
+    lams = []
+    for i in range(6):
+        lams.append(obj.loss(batch, torch.Generator().manual_seed(i)).metrics["lambda"])
+        if i % 2 == 1:
+            assert obj.on_step_end(i // 2 + 1).reset_optimizer_state is False
     assert lams == [0.0, 0.0, 0.5, 0.5, 1.0, 1.0]
-    obj.load_state_dict({"loss_calls": 10})
-    assert obj.step == 5 and obj.state_dict() == {"loss_calls": 10}
+    obj.load_state_dict({"step": 5})
+    assert obj.step == 5 and obj.state_dict() == {"step": 5}
+
+
+def test_ctrl_u_step_is_not_a_call_count():
+    # Fails on the old call-count rule: micro-batches (or extra loss calls) without an optimizer step leave λ alone.
+    obj, model = _objective(CtrlU, lambda_ramp_steps=4, grad_scale=2.0, t_max=999)
+    batch = _batch(model, obj.reward, b=2)
+    lams = [obj.loss(batch, torch.Generator().manual_seed(i)).metrics["lambda"] for i in range(5)]
+    assert lams == [0.0] * 5 and obj.step == 0
+    obj.on_step_end(2)
+    assert obj.loss(batch, torch.Generator().manual_seed(9)).metrics["lambda"] == 1.0
 
 
 def test_sft_baseline_has_no_reward_term():

@@ -19,8 +19,12 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from genalign.data.preference import decode_image
+from genalign.rewards.condition import build_condition_reward
 
 
 def mean_iou(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255) -> dict:
@@ -179,6 +183,16 @@ def evaluate_condition_consistency(images: torch.Tensor, conditions: torch.Tenso
     return out
 
 
+def load_image(path: str | Path) -> torch.Tensor:
+    """An image file as ``(3, H, W)`` float32 in [0, 1] (RGB, via :func:`genalign.data.preference.decode_image`).
+
+    Raises:
+        OSError / ValueError: unreadable file.
+    """
+    arr = np.asarray(decode_image(Path(path)), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
+
+
 def score_condition_dataset(folder: str | Path, reward: str = "digit_stroke_mask", metric: str | None = None,
                             reward_kwargs: dict | None = None, device=None) -> dict:
     """Controllability of a folder of generated images: ``metadata.jsonl`` rows with ``file_name`` (generated
@@ -189,9 +203,6 @@ def score_condition_dataset(folder: str | Path, reward: str = "digit_stroke_mask
     Raises:
         FileNotFoundError: no ``metadata.jsonl``. ValueError: a row without ``condition``, or images of mixed sizes.
     """
-    from genalign.rewards.composite import _build_reward
-    from genalign.scoring import load_image
-
     folder = Path(folder)
     meta = folder / "metadata.jsonl" if folder.is_dir() else folder
     if not meta.exists():
@@ -203,7 +214,7 @@ def score_condition_dataset(folder: str | Path, reward: str = "digit_stroke_mask
     imgs = torch.stack([load_image(base / r["file_name"]) for r in rows])
     conds = torch.stack([load_image(base / r["condition"]) for r in rows])
     real = torch.stack([load_image(base / r["image"]) for r in rows]) if all("image" in r for r in rows) else None
-    rw = _build_reward(reward, dict(reward_kwargs or {}), {}, device)
+    rw = build_condition_reward(reward, reward_kwargs, device)
     out = evaluate_condition_consistency(imgs, conds, rw, metric, real_images=real)
     out.update(n=len(rows), files=[r["file_name"] for r in rows])
     if math.isnan(out["value"]):

@@ -26,85 +26,39 @@ unweighted ControlNet++ variant (``liming-ai/ControlNet_Plus_Plus@9ffe264`` ``tr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Tuple
+import logging
+from typing import Any, Literal, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from genalign.rewards.condition import (  # noqa: E402  shared with the condition rewards
-    normalize_depth_by_max,
-    per_image_condition_reward as _per_image_reward,
-    per_pixel_condition_loss as _per_pixel_loss,
+from pydantic import Field
+
+from genalign.data.conditions import ConditionData, conditions_for_prompts, load_condition_rows
+from genalign.objectives.base import LossOutput, Objective, ObjectiveParams, StepResult
+from genalign.pipelines.base import repeat_cond
+from genalign.registry import objectives as OBJECTIVES
+from genalign.rewards.condition import (
+    TASKS,
+    build_condition_reward,
+    per_image_condition_reward,
+    per_pixel_condition_loss,
+    validate_condition_pair,
 )
 
-
 __all__ = [
-    "CtrlUConfig",
     "ctrl_u_reward_terms",
     "controlnet_pp_reward_loss",
     "lambda_ramp",
-    "x0_from_epsilon",
     "make_timestep_pair",
     "pair_rows",
-    "normalize_depth_by_max",
-    "TASKS",
-    "ConditionData",
-    "load_condition_rows",
     "CtrlU",
     "ControlNetPP",
     "ControlNetSFT",
+    "OFFICIAL_RUNS",
 ]
 
-TASKS = ("segmentation", "depth", "hed", "lineart")
+logger = logging.getLogger(__name__)
 _GATE_EPS = 1e-10  # [code] denominator epsilon of every masked mean
-
-
-@dataclass
-class CtrlUConfig:
-    """Ctrl-U hyperparameters with provenance tags (ctrl_u.md §3). Defaults = the depth run; see :meth:`for_run`."""
-
-    task: str = "depth"  # [code] segmentation | depth | hed | lineart
-    grad_scale: float = 1.0  # [code] λ (reward weight): ADE20K 0.1, COCO-Stuff 0.2, depth/hed/lineart 1.0
-    u_scale: float = 0.1  # [code] ADE20K 1.0, others 0.1
-    u_scale_in_exponent: Optional[bool] = None  # [code] None ⇒ task default (True only for segmentation)
-    reg_scale: Optional[float] = None  # [code] None ⇒ task default (seg 1.0; depth/edges u_scale)
-    t_min: int = 0  # [code] min_timestep_rewarding (inclusive)
-    t_max: int = 400  # [code] max_timestep_rewarding (inclusive): COCO-Stuff 200, others 400
-    lambda_ramp_steps: Optional[int] = 5000  # [code] seg/depth: min(1, s/5000); hed/lineart: None (constant)
-    delta_t: int = 1  # [code] --add_timestep
-    max_timestep: int = 999  # [code] t + δ clamped to 999
-    ignore_index: int = 255  # [code] segmentation ignore label
-    max_train_steps: int = 55001  # [code] ADE20K 35,001, COCO-Stuff 40,001, depth 55,001, hed/lineart 50,001
-    train_batch_size: int = 4  # [code]
-    gradient_accumulation_steps: int = 8  # [code] seg 4, others 8
-    learning_rate: float = 1e-5  # [code] constant_with_warmup
-    lr_warmup_steps: int = 2000  # [code]
-    adam_weight_decay: float = 1e-2  # [code] AdamW (0.9, 0.999), eps 1e-8
-    max_grad_norm: float = 1.0  # [code]
-    ema_decay: float = 0.9999  # [code] diffusers EMAModel with (1+s)/(10+s) warmup
-    resolution: int = 512  # [code]
-    init_controlnet: str = "lllyasviel/control_v11f1p_sd15_depth"  # [unknown → rec.] official init undocumented
-
-    @classmethod
-    def for_run(cls, run: str) -> "CtrlUConfig":
-        """Official per-run defaults: run ∈ {"ade20k", "cocostuff", "depth", "hed", "lineart"} ([code] ctrlu_*.sh)."""
-        table = {
-            "ade20k": dict(task="segmentation", grad_scale=0.1, u_scale=1.0, t_max=400, max_train_steps=35001,
-                           gradient_accumulation_steps=4, init_controlnet="lllyasviel/control_v11p_sd15_seg"),
-            "cocostuff": dict(task="segmentation", grad_scale=0.2, u_scale=0.1, t_max=200, max_train_steps=40001,
-                              gradient_accumulation_steps=4, init_controlnet="lllyasviel/control_v11p_sd15_seg"),
-            "depth": dict(task="depth"),
-            "hed": dict(task="hed", lambda_ramp_steps=None, max_train_steps=50001,
-                        init_controlnet="lllyasviel/control_v11p_sd15_softedge"),
-            "lineart": dict(task="lineart", lambda_ramp_steps=None, max_train_steps=50001,
-                            init_controlnet="lllyasviel/control_v11p_sd15_lineart"),
-        }
-        if run not in table:
-            raise ValueError(f"unknown Ctrl-U run {run!r}; expected one of {sorted(table)}")
-        return cls(**table[run])
-
-
-# --------------------------------------------------------------------------------------------------------------
 
 
 def _check_task(task: str) -> None:
@@ -128,34 +82,6 @@ def _gate(timesteps: torch.Tensor, t_min: int, t_max: int) -> torch.Tensor:
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (mask * values).sum() / (mask.sum() + _GATE_EPS)
-
-
-def _validate_preds(pred: torch.Tensor, target: torch.Tensor, task: str, ignore_index: int) -> None:
-    if task == "segmentation":
-        if pred.ndim != 4:
-            raise ValueError(f"segmentation predictions must be (B, K, h, w) logits, got {tuple(pred.shape)}")
-        if target.ndim != 3 or target.shape[0] != pred.shape[0] or target.shape[-2:] != pred.shape[-2:]:
-            raise ValueError(
-                f"segmentation target must be (B, h, w) labels at the logits' resolution {tuple(pred.shape[-2:])} "
-                f"(nearest-resize labels first), got {tuple(target.shape)}"
-            )
-        if target.dtype.is_floating_point:
-            raise ValueError("segmentation target must be an integer label map")
-        bad = (target != ignore_index) & ((target < 0) | (target >= pred.shape[1]))
-        if bad.any():
-            raise ValueError(f"segmentation labels must be in [0, {pred.shape[1]}) or {ignore_index}")
-    elif task == "depth":
-        if pred.ndim != 3 or target.shape != pred.shape:
-            raise ValueError(
-                f"depth predictions and target must both be (B, H, W) max-normalised maps, got "
-                f"{tuple(pred.shape)} and {tuple(target.shape)}"
-            )
-    else:
-        if pred.ndim != 4 or target.shape != pred.shape:
-            raise ValueError(
-                f"{task} predictions and target must both be (B, C, H, W) detector maps, got "
-                f"{tuple(pred.shape)} and {tuple(target.shape)}"
-            )
 
 
 def controlnet_pp_reward_loss(
@@ -191,11 +117,11 @@ def controlnet_pp_reward_loss(
     ``train/utils.py::get_reward_loss``.
     """
     _check_task(task)
-    _validate_preds(pred, target, task, ignore_index)
+    validate_condition_pair(pred, target, task, ignore_index)
     B = pred.shape[0]
     mask = _gate(_primary_timesteps(timesteps, B), t_min, t_max).to(pred.device)
-    l = _per_pixel_loss(pred.to(torch.float32), target, task, ignore_index)
-    loss = _masked_mean(_per_image_reward(l, target, task, ignore_index), mask)
+    l = per_pixel_condition_loss(pred.to(torch.float32), target, task, ignore_index)
+    loss = _masked_mean(per_image_condition_reward(l, target, task, ignore_index), mask)
     return loss, {"reward_loss": loss.detach(), "num_gated": mask.sum().detach()}
 
 
@@ -255,7 +181,7 @@ def ctrl_u_reward_terms(
         )
     if u_scale < 0:
         raise ValueError(f"u_scale must be >= 0, got {u_scale}")
-    _validate_preds(pred_primary, target, task, ignore_index)
+    validate_condition_pair(pred_primary, target, task, ignore_index)
     in_exp = (task == "segmentation") if u_scale_in_exponent is None else bool(u_scale_in_exponent)
     if reg_scale is None:
         reg_scale = 1.0 if in_exp else float(u_scale)
@@ -274,8 +200,8 @@ def ctrl_u_reward_terms(
 
     B = p.shape[0]
     mask = _gate(_primary_timesteps(timesteps, B), t_min, t_max).to(p.device)
-    l = _per_pixel_loss(p, target, task, ignore_index)
-    reward_loss = _masked_mean(_per_image_reward(l, target, task, ignore_index, weight=torch.exp(-U)), mask)
+    l = per_pixel_condition_loss(p, target, task, ignore_index)
+    reward_loss = _masked_mean(per_image_condition_reward(l, target, task, ignore_index, weight=torch.exp(-U)), mask)
     regulariser = reg_scale * _masked_mean(U.mean(dim=(-1, -2)), mask)
     return reward_loss, regulariser, U
 
@@ -300,29 +226,6 @@ def lambda_ramp(step: int, grad_scale: float, ramp_steps: Optional[int] = 5000) 
     return min(1.0, step / ramp_steps) * float(grad_scale)
 
 
-def x0_from_epsilon(
-    z_t: torch.Tensor, eps_hat: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor
-) -> torch.Tensor:
-    """One-step reconstruction ẑ0 = (z_t − sqrt(1 − ᾱ_t)·ε̂)/sqrt(ᾱ_t) in fp32 (no clipping).
-
-    Equals ``DDPMScheduler.step(eps_hat, t, z_t).pred_original_sample`` with ``clip_sample=False``, without
-    depending on a scheduler config. Args: ``z_t``, ``eps_hat`` (B, ...); ``timesteps`` (B,) integer indices into
-    ``alphas_cumprod`` (T,). Gradient flows into ``eps_hat`` (and ``z_t``). Raises ValueError on shape mismatch
-    or out-of-range timesteps.
-    """
-    if z_t.shape != eps_hat.shape:
-        raise ValueError(f"z_t and eps_hat shapes differ: {tuple(z_t.shape)} vs {tuple(eps_hat.shape)}")
-    if timesteps.ndim != 1 or timesteps.shape[0] != z_t.shape[0]:
-        raise ValueError(f"timesteps must have shape ({z_t.shape[0]},), got {tuple(timesteps.shape)}")
-    if alphas_cumprod.ndim != 1:
-        raise ValueError("alphas_cumprod must be 1-D")
-    t = timesteps.long().to(alphas_cumprod.device)
-    if (t < 0).any() or (t >= alphas_cumprod.shape[0]).any():
-        raise ValueError(f"timesteps must lie in [0, {alphas_cumprod.shape[0] - 1}]")
-    ab = alphas_cumprod.to(torch.float32)[t].to(z_t.device).view((-1,) + (1,) * (z_t.ndim - 1))
-    return (z_t.to(torch.float32) - torch.sqrt(1 - ab) * eps_hat.to(torch.float32)) / torch.sqrt(ab)
-
-
 def make_timestep_pair(timesteps: torch.Tensor, delta_t: int = 1, max_timestep: int = 999) -> torch.Tensor:
     """(B,) → (2B,) = cat(t, min(t + δ, max_timestep)) ([code] ``--add_timestep 1``, clamp to 999)."""
     if timesteps.ndim != 1:
@@ -335,97 +238,9 @@ def pair_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x], dim=0)
 
 
-class ConditionData:
-    """(image, condition, caption) rows as model inputs: cached latents, text conditioning, condition images and
-    the reward target of each condition.
-
-    Attributes:
-        n: rows. latents: ``(N, 4, h, w)`` scaled VAE posterior samples (drawn once with a seeded generator —
-            the official code re-samples every step; [recon]). conditions: ``(N, 3, H, W)`` in [0, 1].
-        targets: reward target per row (``reward.target_from_condition``): labels ``(N, H, W)`` int64, depth
-            ``(N, H, W)``, edges ``(N, 1, H, W)``. cond: text conditioning dict of ``(N, ...)`` tensors.
-        prompts, labels (digits only), skipped (rows dropped while loading, by reason).
-    """
-
-    def __init__(self, model, images: torch.Tensor, prompts: list[str], conditions: torch.Tensor, reward,
-                 labels: torch.Tensor | None = None, skipped: dict | None = None, seed: int = 0, chunk: int = 64):
-        self.model, self.prompts, self.labels = model, list(prompts), labels
-        self.skipped = dict(skipped or {})
-        self.n = len(self.prompts)
-        self.conditions = conditions.float().cpu()
-        g = torch.Generator().manual_seed(seed)
-        lat, conds, tg = [], [], []
-        with torch.no_grad():
-            for i in range(0, self.n, chunk):
-                x = images[i:i + chunk].to(model.device)
-                lat.append(model.encode(x, generator=g).cpu())
-                conds.append({k: v.cpu() for k, v in model.encode_prompt(self.prompts[i:i + chunk]).items()})
-                c = self.conditions[i:i + chunk].to(model.device)
-                real = x if reward.task in ("hed", "lineart") else None  # edges: detector on the real image (§4)
-                tg.append(reward.target_from_condition(c, real).cpu())
-        self.latents = torch.cat(lat)
-        self.cond = {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
-        self.targets = torch.cat(tg)
-
-    def batch(self, idx: torch.Tensor) -> dict[str, Any]:
-        """``{"latents": (B, 4, h, w), "cond": {..., "controlnet_cond": (B, 3, H, W)}, "target", "ids"}``."""
-        dev = self.model.device
-        cond = {k: v[idx].to(dev) for k, v in self.cond.items()}
-        cond["controlnet_cond"] = self.conditions[idx].to(dev)
-        return {"latents": self.latents[idx].to(dev), "cond": cond, "target": self.targets[idx].to(dev),
-                "ids": idx.tolist()}
-
-
-def load_condition_rows(source: str, resolution: int, reward, condition: str = "derive",
-                        condition_column: str | None = None, image_column: str = "image",
-                        caption_column: str = "prompt", max_images: int | None = None, seed: int = 0):
-    """Real images, prompts and condition images ``(N, 3, H, W)`` in [0, 1] from an ``images`` data source.
-
-    Args:
-        source: ``digits:train`` / ``digits:test``, a folder with ``metadata.jsonl`` (``file_name``, ``prompt``,
-            ``condition``), a parquet folder or a `datasets` id (see :func:`genalign.data.images.load_image_data`).
-        reward: the condition reward (its detector makes conditions when ``condition="derive"``).
-        condition: "derive" (condition = ``reward.condition_from_image(real image)``, card §4 HED/lineart and the
-            digits demo) or "dataset" (read ``condition_column``).
-
-    Returns:
-        ``(images, prompts, conditions, labels_or_None, skipped)``.
-
-    Raises:
-        ValueError: ``condition="dataset"`` without a condition column in the data.
-    """
-    from genalign.data.images import load_image_data
-
-    data = load_image_data(source, resolution, image_column=image_column, caption_column=caption_column,
-                           condition_column=condition_column if condition == "dataset" else None,
-                           max_images=max_images, seed=seed)
-    if condition == "dataset":
-        if data.conditions is None:
-            raise ValueError(f"data.source {source!r}: objective.condition 'dataset' needs condition images "
-                             "(data.source.condition_column); use condition: derive to make them with the reward")
-        conds = data.conditions
-    else:
-        p = next(iter(reward.parameters()), None)
-        dev = p.device if p is not None else torch.device("cpu")
-        conds = torch.cat([reward.condition_from_image(data.images[i:i + 64].to(dev)).cpu()
-                           for i in range(0, len(data), 64)])
-    return data.images, data.prompts, conds, data.labels, data.skipped
-
-
 # ==============================================================================================================
 # Objectives: ctrl_u (uncertainty-weighted), controlnet_pp (unweighted ControlNet++), controlnet_sft (no reward)
 # ==============================================================================================================
-import logging  # noqa: E402
-from typing import Any, Literal  # noqa: E402
-
-from pydantic import Field  # noqa: E402
-
-from genalign.objectives.base import LossOutput, Objective, ObjectiveParams  # noqa: E402
-from genalign.registry import objectives as _OBJECTIVES  # noqa: E402
-
-logger = logging.getLogger(__name__)
-
-
 class ControlNetParams(ObjectiveParams):
     """Fields shared by the ControlNet objectives (data, condition reward, ControlNet init)."""
 
@@ -454,7 +269,7 @@ class ControlNetPPParams(ControlNetParams):
 
 
 class CtrlUParams(ControlNetPPParams):
-    """Ctrl-U uncertainty fields (ctrl_u.md §2.2–2.4)."""
+    """Ctrl-U uncertainty fields (ctrl_u.md §2.2–2.4); :meth:`for_run` gives the official per-run values."""
 
     u_scale: float = Field(0.1, ge=0, description="[code] ADE20K 1.0, others 0.1")
     u_scale_in_exponent: bool | None = Field(None, description="None = task default [code] (True for segmentation)")
@@ -462,9 +277,40 @@ class CtrlUParams(ControlNetPPParams):
     delta_t: int = Field(1, ge=0, description="auxiliary timestep t + δ [code] --add_timestep")
     max_timestep: int = Field(999, ge=0, description="t + δ clamped [code]")
 
+    @classmethod
+    def for_run(cls, run: str, **overrides: Any) -> "CtrlUParams":
+        """The official per-run values ([code] ``train/ctrlu_*.sh``, ctrl_u.md §3) for run ∈ {"ade20k",
+        "cocostuff", "depth", "hed", "lineart"}; ``overrides`` replace any field.
+
+        Raises:
+            ValueError: an unknown run (names the known ones).
+        """
+        if run not in OFFICIAL_RUNS:
+            raise ValueError(f"unknown Ctrl-U run {run!r}; expected one of {sorted(OFFICIAL_RUNS)}")
+        return cls(**{**OFFICIAL_RUNS[run], **overrides})
+
+
+#: [code] per-run values of ``train/ctrlu_*.sh`` (steps, batch, lr, EMA are in the recipes under configs/).
+OFFICIAL_RUNS: dict[str, dict[str, Any]] = {
+    "ade20k": dict(grad_scale=0.1, u_scale=1.0, t_max=400, condition="dataset", reward="upernet",
+                   reward_kwargs={"size": 512, "palette": "ade20k"}, init_controlnet="lllyasviel/control_v11p_sd15_seg"),
+    "cocostuff": dict(grad_scale=0.2, u_scale=0.1, t_max=200, condition="dataset",
+                      init_controlnet="lllyasviel/control_v11p_sd15_seg"),
+    "depth": dict(grad_scale=1.0, u_scale=0.1, t_max=400, condition="dataset", reward="dpt_depth",
+                  init_controlnet="lllyasviel/control_v11f1p_sd15_depth"),
+    "hed": dict(grad_scale=1.0, u_scale=0.1, t_max=400, lambda_ramp_steps=None,
+                init_controlnet="lllyasviel/control_v11p_sd15_softedge"),
+    "lineart": dict(grad_scale=1.0, u_scale=0.1, t_max=400, lambda_ramp_steps=None,
+                    init_controlnet="lllyasviel/control_v11p_sd15_lineart"),
+}
+
 
 class _ControlNetObjective(Objective):
-    """Shared plumbing of the ControlNet objectives: condition reward, data, step counter, sampling, modules."""
+    """Shared plumbing of the ControlNet objectives: condition reward, data, step counter, validation inputs.
+
+    The trained network is the adapter's ControlNet (``model.denoiser()``; the base class's
+    ``trainable_modules`` / ``use_prepared`` hand it to Accelerate through the adapter's verbs).
+    """
 
     Config = ControlNetParams
     data_kind = "images"
@@ -479,25 +325,18 @@ class _ControlNetObjective(Objective):
             raise ValueError(f"objective {type(self).__name__}: needs `pipeline.name: controlnet` (got adapter "
                              f"{type(model).__name__})")
         model.set_controlnet(config.init_controlnet)
-        from genalign.rewards.composite import _build_reward
-        from genalign.rewards.condition import ConditionReward
-
-        self.reward = _build_reward(config.reward, dict(config.reward_kwargs), {}, model.device)
-        if not isinstance(self.reward, ConditionReward):
-            raise ValueError(f"objective.reward: {config.reward!r} is not a condition reward (ConditionReward)")
+        self.reward = build_condition_reward(config.reward, config.reward_kwargs, model.device)
         self.task = self.reward.task
         if self.use_reward and not self.reward.differentiable:
             logger.warning("objective.reward %r is not differentiable: the reward terms give no gradient "
                            "(ctrl_u.md §6.7)", config.reward)
-        self._calls = 0
-        self._accum = 1
+        self._step = 0
         self._val = None
 
-    # -- data -------------------------------------------------------------------------------------------------
+    # -- data and state ---------------------------------------------------------------------------------------
     def build_data(self, ctx) -> ConditionData:
         """(image, condition, caption) rows from ``data.source`` (kind ``images``), latents cached."""
         src = ctx.cfg.data.source
-        self._accum = ctx.cfg.train.gradient_accumulation_steps
         images, prompts, conds, labels, skipped = load_condition_rows(
             src.source, self.model.resolution, self.reward, self.config.condition, src.condition_column,
             src.image_column, src.caption_column, src.max_images, seed=ctx.cfg.seed)
@@ -505,47 +344,30 @@ class _ControlNetObjective(Objective):
 
     @property
     def step(self) -> int:
-        """Completed optimizer steps s (micro-batch calls // gradient accumulation)."""
-        return self._calls // max(1, self._accum)
+        """Completed optimizer steps s (the official ``global_step``), as last reported by :meth:`on_step_end`."""
+        return self._step
+
+    def on_step_end(self, step: int) -> StepResult:
+        """Trainer hook after optimizer step ``step`` (1-based count of completed steps): the λ-ramp counter."""
+        self._step = int(step)
+        return StepResult()
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"loss_calls": int}`` (the λ-ramp step counter), saved in checkpoints."""
-        return {"loss_calls": self._calls}
+        """``{"step": int}`` (the λ-ramp step counter), saved in checkpoints."""
+        return {"step": self._step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
-        self._calls = int(state.get("loss_calls", 0))
-
-    def trainable_modules(self) -> list[torch.nn.Module]:
-        """The raw ControlNet (prepared by Accelerate, saved in checkpoints)."""
-        return [self.model._raw_controlnet]
-
-    def use_prepared(self, modules: list[torch.nn.Module]) -> None:
-        """Forward through the Accelerate-wrapped ControlNet."""
-        self.model.controlnet = modules[0]
+        self._step = int(state.get("step", 0))
 
     def validation_conditions(self, prompts: list[str]) -> torch.Tensor:
         """A held-out condition ``(N, 3, H, W)`` per prompt from ``val_source``: for digit prompts, the
         i-th held-out digit of the prompted class; otherwise rows in order (cyclic)."""
         if self._val is None:
-            images, vprompts, conds, labels, _ = load_condition_rows(
-                self.config.val_source, self.model.resolution, self.reward, self.config.condition,
-                seed=1)
+            _, _, conds, labels, _ = load_condition_rows(self.config.val_source, self.model.resolution, self.reward,
+                                                         self.config.condition, seed=1)
             self._val = (conds, labels)
-        conds, labels = self._val
-        out = []
-        for i, p in enumerate(prompts):
-            j = i % len(conds)
-            if labels is not None:
-                from genalign.data.digits import digit_of_prompt
-
-                try:
-                    rows = (labels == digit_of_prompt(p)).nonzero()[:, 0]
-                    j = int(rows[i % len(rows)])
-                except ValueError:
-                    pass
-            out.append(conds[j])
-        return torch.stack(out)
+        return conditions_for_prompts(*self._val, prompts)
 
     def sample(self, prompts: list[str], vcfg, generators) -> torch.Tensor:
         """Validation images ``(N, 3, H, W)`` in [0, 1] conditioned on held-out conditions (see
@@ -557,13 +379,10 @@ class _ControlNetObjective(Objective):
     # -- loss -------------------------------------------------------------------------------------------------
     def loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> LossOutput:
         """L_diff (+ λ(s)·reward term (+ regulariser)) on one micro-batch (ctrl_u.md §2)."""
-        from genalign.pipelines.base import repeat_cond
-
         m, c = self.model, self.config
         z0, cond, target = batch["latents"], batch["cond"], batch["target"]
         B = z0.shape[0]
-        step = self.step
-        self._calls += 1
+        step = self.step  # completed optimizer steps, set by the trainer through on_step_end
         noise = torch.randn(z0.shape, generator=generator).to(z0.device)
         t = torch.randint(0, m.num_train_timesteps, (B,), generator=generator).to(z0.device)
         if self.paired:  # [code] cat(t, min(t + δ, 999)); latents, noise, text, condition duplicated
@@ -606,7 +425,7 @@ class _ControlNetObjective(Objective):
         return LossOutput(loss, metrics)
 
 
-@_OBJECTIVES.register("controlnet_sft", "ControlNet baseline: diffusion loss only (no reward term)")
+@OBJECTIVES.register("controlnet_sft", "ControlNet baseline: diffusion loss only (no reward term)")
 class ControlNetSFT(_ControlNetObjective):
     """Plain ControlNet training on (image, condition, caption): L = mse(ε̂, ε) over the batch. The baseline
     "trained without the reward term" of the Ctrl-U comparison (the condition reward only makes conditions
@@ -615,7 +434,7 @@ class ControlNetSFT(_ControlNetObjective):
     Config = ControlNetParams
 
 
-@_OBJECTIVES.register("controlnet_pp", "ControlNet++: diffusion loss + λ·reward consistency (unweighted)")
+@OBJECTIVES.register("controlnet_pp", "ControlNet++: diffusion loss + λ·reward consistency (unweighted)")
 class ControlNetPP(_ControlNetObjective):
     """ControlNet++ (Li et al., ECCV 2024): L = L_diff + λ(s)·L_reward on B rows, L_reward from
     :func:`controlnet_pp_reward_loss` (gated, unweighted). Source: ``liming-ai/ControlNet_Plus_Plus@9ffe264``
@@ -626,7 +445,7 @@ class ControlNetPP(_ControlNetObjective):
     use_reward = True
 
 
-@_OBJECTIVES.register("ctrl_u", "Ctrl-U: uncertainty-weighted reward consistency for ControlNet (ICLR 2025)")
+@OBJECTIVES.register("ctrl_u", "Ctrl-U: uncertainty-weighted reward consistency for ControlNet (ICLR 2025)")
 class CtrlU(_ControlNetObjective):
     """Ctrl-U (Zhang et al., ICLR 2025): 2B rows at [t; min(t+δ, 999)] with shared noise; L = L_diff (all 2B
     rows) + λ(s)·mean_p[l·exp(−U)] + reg·mean_p U on the primary rows (:func:`ctrl_u_reward_terms`). Source:

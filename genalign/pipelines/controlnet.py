@@ -24,6 +24,7 @@ Ctrl-U ``train/ctrlu-reward.py`` (same forward).
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from pathlib import Path
@@ -31,7 +32,8 @@ from typing import Any
 
 import torch
 
-from genalign.pipelines.base import DiffusionAdapter, _to, load_pipeline_from_config
+from genalign.pipelines.base import DiffusionAdapter, load_pipeline_from_config
+from genalign.pipelines.schedule import x0_from_prediction
 from genalign.registry import pipelines as PIPELINES
 from genalign.rewards.base import WeightsNotFoundError
 
@@ -91,10 +93,13 @@ def load_controlnet(path: str):
 
 def build_controlnet_pipeline(base_pipe, controlnet):
     """Wrap a loaded SD / SDXL text-to-image pipeline's components and a ControlNet into the matching Diffusers
-    ControlNet pipeline (``StableDiffusionControlNetPipeline`` or ``StableDiffusionXLControlNetPipeline``)."""
+    ControlNet pipeline (``StableDiffusionControlNetPipeline`` or ``StableDiffusionXLControlNetPipeline``).
+
+    ``base_pipe``: a Diffusers pipeline or a dict of its components (a ``controlnet`` entry is ignored)."""
     from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
 
-    comps = {k: v for k, v in base_pipe.components.items() if k != "controlnet"}
+    comps = base_pipe if isinstance(base_pipe, dict) else base_pipe.components
+    comps = {k: v for k, v in comps.items() if k != "controlnet"}
     if "text_encoder_2" in comps:
         keep = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler")
         pipe = StableDiffusionXLControlNetPipeline(controlnet=controlnet, **{k: comps[k] for k in keep})
@@ -170,15 +175,15 @@ class ControlNetAdapter(DiffusionAdapter):
         self._install_controlnet(cn)
 
     def _install_controlnet(self, cn) -> None:
-        cn = _to(cn, self.device, torch.float32)
+        cn = cn.to(self.device) if next(cn.parameters()).dtype == torch.float32 else cn.to(self.device, torch.float32)
         cn.requires_grad_(True)
         cn.train()
         if self._gradient_checkpointing:
             cn.enable_gradient_checkpointing()
         if self._attention == "xformers":
             cn.enable_xformers_memory_efficient_attention()
-        self.controlnet = cn
-        self._raw_controlnet = cn
+        self.controlnet = cn  # the network training forwards go through (the Accelerate wrapper once prepared)
+        self._raw_controlnet = cn  # the unwrapped ControlNet (:meth:`denoiser`)
         self.pipe.controlnet = cn
 
     # -- construction ---------------------------------------------------------------------------------------
@@ -223,10 +228,13 @@ class ControlNetAdapter(DiffusionAdapter):
             mods.append(self.pipe.text_encoder_2)
         return mods
 
-    @property
-    def trainable_module(self) -> torch.nn.Module:
-        """The trained network (the raw ControlNet); :func:`genalign.export.export_run` loads checkpoints into it."""
+    def denoiser(self) -> torch.nn.Module:
+        """The trained network: the ControlNet, unwrapped (never the DDP wrapper); checkpoints load into it."""
         return self._raw_controlnet
+
+    def use_prepared(self, module: torch.nn.Module) -> None:
+        """Install the Accelerate-wrapped ControlNet for training forwards (:meth:`predict`)."""
+        self.controlnet = module
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """The ControlNet's parameters (all of them)."""
@@ -287,21 +295,15 @@ class ControlNetAdapter(DiffusionAdapter):
                     added_cond_kwargs=added and {k: v.to(dtype) for k, v in added.items()}).sample
 
     def x0_from_prediction(self, x_t: torch.Tensor, pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """One-step ẑ0 in fp32, closed form (no clipping): ε-prediction ẑ0 = (x_t − sqrt(1−ᾱ)ε̂)/sqrt(ᾱ)
-        (:func:`genalign.objectives.ctrl_u.x0_from_epsilon`); v-prediction ẑ0 = sqrt(ᾱ)x_t − sqrt(1−ᾱ)v̂.
+        """One-step ẑ0 ``(N, 4, h, w)`` in fp32, closed form without clipping (ctrl_u.md §5): ε-prediction
+        ẑ0 = (x_t − sqrt(1−ᾱ_t)ε̂)/sqrt(ᾱ_t), v-prediction ẑ0 = sqrt(ᾱ_t)x_t − sqrt(1−ᾱ_t)v̂
+        (:func:`genalign.pipelines.schedule.x0_from_prediction`); ``t`` ``(N,)`` integer timesteps.
 
         Raises:
             ValueError: another prediction type.
         """
-        from genalign.objectives.ctrl_u import x0_from_epsilon
-
-        ac = self.noise_scheduler.alphas_cumprod
-        if self.prediction_type == "epsilon":
-            return x0_from_epsilon(x_t, pred, t, ac)
-        if self.prediction_type == "v_prediction":
-            ab = ac.to(torch.float32)[t.long().cpu()].to(x_t.device).view(-1, *([1] * (x_t.ndim - 1)))
-            return ab.sqrt() * x_t.float() - (1 - ab).sqrt() * pred.float()
-        raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
+        ab = self.noise_scheduler.alphas_cumprod.to(torch.float32)[t.long().cpu()].to(x_t.device)
+        return x0_from_prediction(pred.float(), x_t.float(), ab, self.prediction_type)
 
     @torch.no_grad()
     def sample(self, prompts: list[str], conditions: torch.Tensor | None = None, num_inference_steps: int = 25,
@@ -339,10 +341,24 @@ class ControlNetAdapter(DiffusionAdapter):
     def write_export(self, out_dir: str | Path, cfg=None) -> None:
         """Write a complete ControlNet pipeline folder (``DiffusionPipeline.from_pretrained(out_dir)``) whose
         ``controlnet/`` subfolder is a vanilla ``ControlNetModel.from_pretrained`` folder (called by
-        :func:`genalign.export.export_pipeline`)."""
-        out_dir = Path(out_dir)
-        self.pipe.controlnet = self._raw_controlnet
-        self.pipe.save_pretrained(str(out_dir))
+        :func:`genalign.export.export_pipeline`).
+
+        Mixed precision (issue 13 §2): the trained ControlNet is fp32 and saved as is; the frozen base is taken
+        from a fresh fp32 load of ``cfg.pipeline`` (the originals, not the bf16/fp16 copies training used), so
+        every component is saved in fp32 and no weight passes through half precision. Without ``cfg`` the
+        in-memory base is used, upcast to fp32 once (a warning says its weights were rounded to half precision).
+        """
+        base = load_pipeline_from_config(cfg.pipeline) if cfg is not None else self._fp32_base_copy()
+        build_controlnet_pipeline(base, self._raw_controlnet).save_pretrained(str(out_dir))
+
+    def _fp32_base_copy(self):
+        comps = {k: v for k, v in self.pipe.components.items() if k != "controlnet"}
+        half = [k for k, v in comps.items() if isinstance(v, torch.nn.Module)
+                and any(p.dtype in (torch.float16, torch.bfloat16) for p in v.parameters())]
+        if half:
+            logger.warning("ControlNet export without the run config: %s saved from half-precision copies (upcast "
+                           "to fp32); export through genalign.export to save the fp32 originals", ", ".join(half))
+        return {k: (copy.deepcopy(v).float() if k in half else v) for k, v in comps.items()}
 
     def save_controlnet(self, out_dir: str | Path) -> None:
         """Save the trained ControlNet alone (``ControlNetModel.from_pretrained(out_dir)``)."""

@@ -1,7 +1,8 @@
 """Condition-consistency rewards: a perception model predicts the condition back from a generated image.
 
 Used by ControlNet++ / Ctrl-U (ctrl_u.md §2.1 step 4–5) as *reward models* and by the evaluation helpers
-(:mod:`genalign.evaluation.condition`). Every member is a :class:`ConditionReward` with one ``task``:
+(:mod:`genalign.evaluation.condition`). Every member is a :class:`ConditionReward` with one ``task``; the
+transformers segmenters (and the ADE20K palette) live in :mod:`genalign.rewards.segmentation`:
 
 ============== ====================== ======================================= =================================
 name           task                   model                                   differentiable
@@ -49,7 +50,12 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _check_images(x: torch.Tensor) -> torch.Tensor:
+def check_images(x: torch.Tensor) -> torch.Tensor:
+    """Validate images ``(B, 3|1, H, W)`` in [0, 1] and return them as fp32 ``(B, 3, H, W)`` (grey expanded).
+
+    Raises:
+        ValueError: another rank or channel count.
+    """
     if x.ndim != 4 or x.shape[1] not in (1, 3):
         raise ValueError(f"expected images (B, 3, H, W) in [0, 1], got {tuple(x.shape)}")
     return x.float().expand(-1, 3, -1, -1) if x.shape[1] == 1 else x.float()
@@ -57,30 +63,7 @@ def _check_images(x: torch.Tensor) -> torch.Tensor:
 
 def grey(images: torch.Tensor) -> torch.Tensor:
     """``(B, 3|1, H, W)`` → ``(B, 1, H, W)`` channel mean (differentiable)."""
-    return _check_images(images).mean(dim=1, keepdim=True)
-
-
-def labels_from_palette(condition: torch.Tensor, palette: torch.Tensor, shift: int = 1,
-                        ignore_index: int = 255) -> torch.Tensor:
-    """RGB segmentation condition → class labels by nearest palette colour.
-
-    Args:
-        condition: ``(B, 3, H, W)`` in [0, 1].
-        palette: ``(K, 3)`` colours in 0..255; row 0 is "unlabelled" when ``shift = 1`` (ADE20K's 151-row palette).
-        shift: labels = nearest row − shift; rows below ``shift`` become ``ignore_index`` (card §4: index − 1,
-            0 → 255). Ties go to the first row (argmin), as in the official code (ADE20K rows 7 / 49).
-
-    Returns:
-        ``(B, H, W)`` int64.
-
-    Source: ControlNet++ / Ctrl-U ``train/utils.py`` (label from the RGB condition), ctrl_u.md §4.
-    """
-    c = condition.float() * 255.0
-    pal = torch.as_tensor(palette, dtype=torch.float32, device=c.device)
-    d = ((c.permute(0, 2, 3, 1)[..., None, :] - pal) ** 2).sum(-1)  # (B, H, W, K)
-    idx = d.argmin(-1)
-    lab = idx - shift
-    return torch.where(idx < shift, torch.full_like(lab, ignore_index), lab)
+    return check_images(images).mean(dim=1, keepdim=True)
 
 
 def sobel_magnitude(images: torch.Tensor) -> torch.Tensor:
@@ -90,6 +73,79 @@ def sobel_magnitude(images: torch.Tensor) -> torch.Tensor:
     k = torch.stack([kx, kx.t()])[:, None]  # (2, 1, 3, 3)
     d = F.conv2d(F.pad(g, (1, 1, 1, 1), mode="replicate"), k)
     return torch.sqrt((d ** 2).sum(dim=1, keepdim=True) + 1e-12)
+
+
+# -- condition-consistency losses shared by the rewards and Ctrl-U / ControlNet++ (ctrl_u.md §2.1) --------
+TASKS = ("segmentation", "depth", "hed", "lineart")
+
+
+def validate_condition_pair(pred: torch.Tensor, target: torch.Tensor, task: str, ignore_index: int = 255) -> None:
+    """Check a reward-model output against its (aligned) condition target before a consistency loss.
+
+    Expected: segmentation logits ``(B, K, h, w)`` with integer labels ``(B, h, w)`` in [0, K) or ``ignore_index``;
+    depth ``(B, H, W)`` and target of the same shape; hed/lineart ``(B, C, H, W)`` and target of the same shape.
+
+    Raises:
+        ValueError: a shape, dtype or label-range problem (the message says which and how to fix it).
+    """
+    if task == "segmentation":
+        if pred.ndim != 4:
+            raise ValueError(f"segmentation predictions must be (B, K, h, w) logits, got {tuple(pred.shape)}")
+        if target.ndim != 3 or target.shape[0] != pred.shape[0] or target.shape[-2:] != pred.shape[-2:]:
+            raise ValueError(
+                f"segmentation target must be (B, h, w) labels at the logits' resolution {tuple(pred.shape[-2:])} "
+                f"(nearest-resize labels first), got {tuple(target.shape)}"
+            )
+        if target.dtype.is_floating_point:
+            raise ValueError("segmentation target must be an integer label map")
+        bad = (target != ignore_index) & ((target < 0) | (target >= pred.shape[1]))
+        if bad.any():
+            raise ValueError(f"segmentation labels must be in [0, {pred.shape[1]}) or {ignore_index}")
+    elif task == "depth":
+        if pred.ndim != 3 or target.shape != pred.shape:
+            raise ValueError(
+                f"depth predictions and target must both be (B, H, W) max-normalised maps, got "
+                f"{tuple(pred.shape)} and {tuple(target.shape)}"
+            )
+    else:
+        if pred.ndim != 4 or target.shape != pred.shape:
+            raise ValueError(
+                f"{task} predictions and target must both be (B, C, H, W) detector maps, got "
+                f"{tuple(pred.shape)} and {tuple(target.shape)}"
+            )
+
+
+def per_pixel_condition_loss(pred: torch.Tensor, target: torch.Tensor, task: str, ignore_index: int) -> torch.Tensor:
+    """l(p), (B, H, W): CE (seg, 0 at ignored pixels), squared error (depth), channel-mean squared error (edges)."""
+    if task == "segmentation":
+        return F.cross_entropy(pred, target.long(), ignore_index=ignore_index, reduction="none")
+    if task == "depth":
+        return (pred - target.to(torch.float32)) ** 2
+    return ((pred - target.to(torch.float32)) ** 2).mean(dim=1)
+
+
+_VALID_EPS = 1e-8  # guards the division when every pixel is ignored
+
+
+def per_image_condition_reward(
+    l: torch.Tensor, target: torch.Tensor, task: str, ignore_index: int, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-image mean of a per-pixel loss ``l`` ``(B, H, W)`` → ``(B,)``, optionally weighted per pixel; for
+    segmentation only over pixels whose label is not ``ignore_index``."""
+    if weight is not None:
+        l = l * weight
+    if task == "segmentation":
+        valid = (target != ignore_index).to(torch.float32)
+        return (valid * l).sum(dim=(-1, -2)) / (valid.sum(dim=(-1, -2)) + _VALID_EPS)
+    return l.mean(dim=(-1, -2))
+
+
+def normalize_depth_by_max(depth: torch.Tensor) -> torch.Tensor:
+    """Divide each (H, W) depth map of a (B, H, W) tensor by its per-image max ([code] depth reward preprocessing)."""
+    if depth.ndim != 3:
+        raise ValueError(f"depth must be (B, H, W), got {tuple(depth.shape)}")
+    d = depth.to(torch.float32)
+    return d / d.flatten(1).amax(dim=1).view(-1, 1, 1)
 
 
 class ConditionReward(Reward):
@@ -109,7 +165,7 @@ class ConditionReward(Reward):
         raise NotImplementedError(f"{type(self).__name__} must implement target_from_condition")
 
     def align(self, pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bring ``pred`` and ``target`` to the shapes of :func:`genalign.objectives.ctrl_u.ctrl_u_reward_terms`.
+        """Bring ``pred`` and ``target`` to the shapes of the Ctrl-U / ControlNet++ reward terms.
 
         segmentation: labels nearest-resized to the logits' size (card §2.1.5); depth: prediction bilinear to the
         target size, then divided by its per-image max (card: ``predicted_depth`` → 512, /max); edges: bilinear.
@@ -119,7 +175,6 @@ class ConditionReward(Reward):
                 target = F.interpolate(target[:, None].float(), size=pred.shape[-2:], mode="nearest")[:, 0].long()
             return pred, target
         if self.task == "depth":
-            
             if pred.shape[-2:] != target.shape[-2:]:
                 pred = F.interpolate(pred[:, None], size=target.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
             return normalize_depth_by_max(pred.clamp_min(0) + 1e-6), target
@@ -130,12 +185,10 @@ class ConditionReward(Reward):
     def per_pixel_loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Aligned per-pixel consistency loss l(p), ``(B, h, w)`` (CE with ignore; squared error; channel-mean
         squared error) — the ControlNet++ losses (ctrl_u.md §2.1 step 5)."""
-        
         return per_pixel_condition_loss(pred.float(), target, self.task, self.ignore_index)
 
     def consistency_loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Per-image mean of :meth:`per_pixel_loss` ``(B,)`` (segmentation: over pixels with label ≠ 255)."""
-        
         pred, target = self.align(pred, target)
         return per_image_condition_reward(self.per_pixel_loss(pred, target), target, self.task, self.ignore_index)
 
@@ -144,7 +197,7 @@ class ConditionReward(Reward):
         """Make a condition image ``(B, 3, H, W)`` in [0, 1] from real images with this detector (card §4: the
         MultiGen-20M conditions are detector outputs on the real image). segmentation: argmax labels as palette
         colours (or label/255); depth: prediction resized and max-normalised; edges: the edge map."""
-        x = _check_images(images)
+        x = check_images(images)
         size = x.shape[-2:]
         pred = self.predict(x)
         if self.task == "segmentation":
@@ -154,7 +207,6 @@ class ConditionReward(Reward):
                 return (pal.to(lab.device)[lab + getattr(self, "palette_shift", 1)] / 255.0).permute(0, 3, 1, 2)
             return (lab.float() / 255.0)[:, None].repeat(1, 3, 1, 1)
         if self.task == "depth":
-            
             d = F.interpolate(pred[:, None], size=size, mode="bilinear", align_corners=False)[:, 0].clamp_min(0)
             return normalize_depth_by_max(d + 1e-6)[:, None].repeat(1, 3, 1, 1)
         e = F.interpolate(pred, size=size, mode="bilinear", align_corners=False) if pred.shape[-2:] != size else pred
@@ -282,7 +334,7 @@ class CannyEdges(ConditionReward):
         """Canny edges ``(B, 1, H, W)`` in {0, 1} (or the normalised magnitude with ``soft``)."""
         import kornia
 
-        mag, edges = kornia.filters.canny(_check_images(images), self.low, self.high)
+        mag, edges = kornia.filters.canny(check_images(images), self.low, self.high)
         if self.soft:
             return mag / (mag.flatten(1).amax(1).view(-1, 1, 1, 1) + 1e-8)
         if torch.is_grad_enabled() and images.requires_grad and not getattr(self, "_warned", False):
@@ -297,8 +349,26 @@ class CannyEdges(ConditionReward):
         return (grey(condition) > 0.5).float()
 
 
+def build_condition_reward(name: str, kwargs: dict | None = None, device=None) -> "ConditionReward":
+    """Build the registered condition reward ``name`` with ``kwargs`` (e.g. ``weights``, ``tiny``, ``palette``).
+
+    Raises:
+        KeyError: unknown reward name. ValueError: ``name`` is not a :class:`ConditionReward` (names it).
+    """
+    cls = REWARDS.get(name)
+    if not (isinstance(cls, type) and issubclass(cls, ConditionReward)):
+        raise ValueError(f"objective.reward: {name!r} is not a condition reward (ConditionReward)")
+    reward = cls(device=device, **dict(kwargs or {}))
+    return reward.to(device) if device is not None else reward
+
+
 # -- transformers models --------------------------------------------------------------------------------------
-def _from_pretrained(cls, weights: str, what: str):
+def load_pretrained(cls, weights: str, what: str):
+    """``cls.from_pretrained(weights)`` (a transformers model class) with a one-line offline error.
+
+    Raises:
+        WeightsNotFoundError: ``weights`` is not a local folder and cannot be downloaded (names reward ``what``).
+    """
     try:
         return cls.from_pretrained(weights)
     except (OSError, ValueError, EnvironmentError) as err:
@@ -309,138 +379,6 @@ def _from_pretrained(cls, weights: str, what: str):
             f"`kwargs: {{weights: /path}}` (download https://huggingface.co/{weights} on a machine with network) "
             "or unset HF_HUB_OFFLINE."
         ) from None
-
-
-class _HFSegmentation(ConditionReward):
-    """Common code of the transformers segmenters: resize → ImageNet normalisation → logits (B, K, h, w).
-
-    Args:
-        weights: local folder or hub id (default: the class's ``default_weights``).
-        tiny: random tiny model of the same class (tests), ``num_labels`` classes.
-        size: input side in pixels (images are bilinearly resized; 512 = the official resolution).
-        palette: ``(K+shift, 3)`` colours 0..255 (a nested list or a path to a JSON file) mapping an RGB
-            condition to labels (ADE20K: the 151-row palette of ControlNet++ ``train/utils.py`` = [0, 0, 0] +
-            mmseg's 150-row ADE20K palette, row 0 = unlabelled → 255; not shipped). None: the condition's first
-            channel ·255 is the label index.
-        num_labels: classes of the tiny model.
-    """
-
-    task = "segmentation"
-    default_weights: ClassVar[str] = ""
-
-    def __init__(self, weights: str | None = None, tiny: bool = False, size: int = 512, palette=None,
-                 palette_shift: int = 1, num_labels: int = 5, device=None):
-        super().__init__()
-        self.size = int(size)
-        if isinstance(palette, (str, Path)):
-            import json
-
-            palette = json.loads(Path(palette).read_text())
-        self.palette = None if palette is None else torch.as_tensor(palette, dtype=torch.float32)
-        self.palette_shift = int(palette_shift)
-        self.model = self._tiny(num_labels) if tiny and weights is None else \
-            _from_pretrained(self._cls(), weights or self.default_weights, self.registry_name)
-        if device is not None:
-            self.to(device)
-        self.freeze()
-
-    def _inputs(self, images):
-        from genalign.rewards.preprocess import normalize
-
-        x = _check_images(images)
-        if x.shape[-1] != self.size or x.shape[-2] != self.size:
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        return normalize(x, IMAGENET_MEAN, IMAGENET_STD)
-
-    def predict(self, images):
-        """Segmentation logits ``(B, K, h, w)`` fp32 (model resolution; :meth:`align` resizes the labels)."""
-        return self.model(pixel_values=self._inputs(images)).logits.float()
-
-    def target_from_condition(self, condition, images=None):
-        """Labels ``(B, H, W)`` int64: nearest palette colour (shifted, 0 → 255) or channel-0·255."""
-        if self.palette is not None:
-            return labels_from_palette(condition, self.palette, self.palette_shift, self.ignore_index)
-        return (condition[:, 0].float() * 255).round().long()
-
-
-@REWARDS.register("segformer", "Segformer segmentation (transformers); CE consistency with a label-map condition")
-class SegformerSeg(_HFSegmentation):
-    """``SegformerForSemanticSegmentation`` (logits at ¼ resolution, like mmseg ``mode='tensor'``).
-    Default weights ``nvidia/segformer-b0-finetuned-ade-512-512`` [unknown → rec.: a light alternative to the
-    official mmseg UperNet-R50]."""
-
-    default_weights = "nvidia/segformer-b0-finetuned-ade-512-512"
-
-    def _cls(self):
-        from transformers import SegformerForSemanticSegmentation
-
-        return SegformerForSemanticSegmentation
-
-    def _tiny(self, n):
-        from transformers import SegformerConfig, SegformerForSemanticSegmentation
-
-        torch.manual_seed(0)
-        return SegformerForSemanticSegmentation(SegformerConfig(
-            num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16], patch_sizes=[7, 3],
-            strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2], decoder_hidden_size=16, num_labels=n))
-
-
-@REWARDS.register("upernet", "UperNet segmentation (transformers); the Ctrl-U ADE20K reward model family")
-class UperNetSeg(_HFSegmentation):
-    """``UperNetForSemanticSegmentation`` (HF upsamples logits to the input size; labels are resized to match).
-    Default weights ``openmmlab/upernet-convnext-small`` [unknown → rec.: the official reward is mmseg
-    UperNet-R50 (ADE20K); equivalence of HF weights to it is unverified, ctrl_u.md §5]."""
-
-    default_weights = "openmmlab/upernet-convnext-small"
-
-    def _cls(self):
-        from transformers import UperNetForSemanticSegmentation
-
-        return UperNetForSemanticSegmentation
-
-    def _tiny(self, n):
-        from transformers import ConvNextConfig, UperNetConfig, UperNetForSemanticSegmentation
-
-        torch.manual_seed(0)
-        bc = ConvNextConfig(num_channels=3, hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1],
-                            out_features=["stage1", "stage2", "stage3", "stage4"])
-        return UperNetForSemanticSegmentation(UperNetConfig(backbone_config=bc, hidden_size=16, num_labels=n,
-                                                            use_auxiliary_head=False))
-
-
-@REWARDS.register("mask2former", "Mask2Former semantic segmentation (transformers); the ADE20K evaluation model")
-class Mask2FormerSeg(_HFSegmentation):
-    """``Mask2FormerForUniversalSegmentation`` turned into per-pixel class scores: p(k | pixel) ∝
-    Σ_q softmax(class_q)[k]·sigmoid(mask_q) (transformers ``post_process_semantic_segmentation``), and
-    ``predict`` returns log p (so CE/KL apply). Default weights ``facebook/mask2former-swin-large-ade-semantic``
-    (the card's ADE20K evaluation model, ctrl_u.md §5)."""
-
-    default_weights = "facebook/mask2former-swin-large-ade-semantic"
-
-    def _cls(self):
-        from transformers import Mask2FormerForUniversalSegmentation
-
-        return Mask2FormerForUniversalSegmentation
-
-    def _tiny(self, n):
-        from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
-
-        torch.manual_seed(0)
-        sc = SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
-                        window_size=2, out_features=["stage1", "stage2", "stage3", "stage4"])
-        return Mask2FormerForUniversalSegmentation(Mask2FormerConfig(
-            backbone_config=sc, feature_size=32, mask_feature_size=32, hidden_dim=32, encoder_feedforward_dim=32,
-            dim_feedforward=32, encoder_layers=1, decoder_layers=2, num_attention_heads=2, num_queries=4,
-            num_labels=n, common_stride=4))
-
-    def predict(self, images):
-        """Log semantic probabilities ``(B, K, h, w)`` (usable as logits by CE / KL)."""
-        out = self.model(pixel_values=self._inputs(images))
-        cls = out.class_queries_logits.float().softmax(-1)[..., :-1]  # drop the "no object" class
-        masks = out.masks_queries_logits.float().sigmoid()
-        probs = torch.einsum("bqk,bqhw->bkhw", cls, masks)
-        probs = probs / (probs.sum(1, keepdim=True) + 1e-8)
-        return torch.log(probs.clamp_min(1e-8))
 
 
 @REWARDS.register("dpt_depth", "DPT depth (transformers, dpt-hybrid-midas); squared error to a depth condition")
@@ -469,57 +407,24 @@ class DPTDepth(ConditionReward):
                 hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32, image_size=32,
                 patch_size=8, neck_hidden_sizes=[8, 8, 8, 8], fusion_hidden_size=8, backbone_out_indices=[0, 1, 2, 3]))
         else:
-            self.model = _from_pretrained(DPTForDepthEstimation, weights or self.default_weights, "dpt_depth")
+            self.model = load_pretrained(DPTForDepthEstimation, weights or self.default_weights, "dpt_depth")
         if device is not None:
             self.to(device)
         self.freeze()
 
     def predict(self, images):
         """``predicted_depth`` ``(B, h, w)`` fp32 (relative inverse depth; :meth:`align` resizes / normalises)."""
-        x = _check_images(images)
+        x = check_images(images)
         if x.shape[-2:] != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
         return self.model(pixel_values=(x - 0.5) / 0.5).predicted_depth.float()
 
     def target_from_condition(self, condition, images=None):
         """Depth target ``(B, H, W)``: the condition's RGB mean divided by its per-image max."""
-        
-        return normalize_depth_by_max(_check_images(condition).mean(1) + 1e-6)
+        return normalize_depth_by_max(check_images(condition).mean(1) + 1e-6)
 
 
-__all__ = ["ConditionReward", "DigitStrokeMask", "SoftEdges", "CannyEdges", "SegformerSeg", "UperNetSeg",
-           "Mask2FormerSeg", "DPTDepth", "labels_from_palette", "sobel_magnitude", "grey"]
-
-
-# -- condition-consistency losses shared by the rewards and Ctrl-U / ControlNet++ (ctrl_u.md §2.1) --------
-def per_pixel_condition_loss(pred: torch.Tensor, target: torch.Tensor, task: str, ignore_index: int) -> torch.Tensor:
-    """l(p), (B, H, W): CE (seg, 0 at ignored pixels), squared error (depth), channel-mean squared error (edges)."""
-    if task == "segmentation":
-        return F.cross_entropy(pred, target.long(), ignore_index=ignore_index, reduction="none")
-    if task == "depth":
-        return (pred - target.to(torch.float32)) ** 2
-    return ((pred - target.to(torch.float32)) ** 2).mean(dim=1)
-
-
-_GATE_EPS = 1e-8  # guards the division when every pixel is ignored
-
-
-def per_image_condition_reward(
-    l: torch.Tensor, target: torch.Tensor, task: str, ignore_index: int, weight: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Per-image mean of a per-pixel loss ``l`` ``(B, H, W)`` → ``(B,)``, optionally weighted per pixel; for
-    segmentation only over pixels whose label is not ``ignore_index``."""
-    if weight is not None:
-        l = l * weight
-    if task == "segmentation":
-        valid = (target != ignore_index).to(torch.float32)
-        return (valid * l).sum(dim=(-1, -2)) / (valid.sum(dim=(-1, -2)) + _GATE_EPS)
-    return l.mean(dim=(-1, -2))
-
-
-def normalize_depth_by_max(depth: torch.Tensor) -> torch.Tensor:
-    """Divide each (H, W) depth map of a (B, H, W) tensor by its per-image max ([code] depth reward preprocessing)."""
-    if depth.ndim != 3:
-        raise ValueError(f"depth must be (B, H, W), got {tuple(depth.shape)}")
-    d = depth.to(torch.float32)
-    return d / d.flatten(1).amax(dim=1).view(-1, 1, 1)
+__all__ = ["ConditionReward", "DigitStrokeMask", "SoftEdges", "CannyEdges", "DPTDepth", "check_images", "grey",
+           "sobel_magnitude", "per_pixel_condition_loss", "per_image_condition_reward", "normalize_depth_by_max",
+           "load_pretrained", "build_condition_reward", "validate_condition_pair", "TASKS", "IMAGENET_MEAN",
+           "IMAGENET_STD"]

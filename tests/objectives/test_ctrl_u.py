@@ -6,15 +6,21 @@ import pytest
 import torch
 
 from genalign.objectives.ctrl_u import (
-    CtrlUConfig,
+    CtrlU,
     controlnet_pp_reward_loss,
     ctrl_u_reward_terms,
     lambda_ramp,
     make_timestep_pair,
-    normalize_depth_by_max,
     pair_rows,
-    x0_from_epsilon,
 )
+from genalign.pipelines.schedule import alpha_bar_at
+from genalign.pipelines.schedule import x0_from_epsilon as _x0_from_epsilon
+from genalign.rewards.condition import normalize_depth_by_max
+
+
+def x0_from_epsilon(z_t, eps, t, alphas_cumprod):
+    """ẑ0 at integer timesteps t of the schedule (the pipelines' closed form used by the ControlNet adapter)."""
+    return _x0_from_epsilon(z_t, eps, alpha_bar_at(alphas_cumprod, t))
 
 
 def _seg_hand(u_scale):
@@ -25,11 +31,11 @@ def _seg_hand(u_scale):
 
 
 def test_config_runs():
-    assert CtrlUConfig.for_run("ade20k").grad_scale == 0.1 and CtrlUConfig.for_run("ade20k").u_scale == 1.0
-    assert CtrlUConfig.for_run("cocostuff").t_max == 200
-    assert CtrlUConfig.for_run("hed").lambda_ramp_steps is None
+    assert CtrlU.Config.for_run("ade20k").grad_scale == 0.1 and CtrlU.Config.for_run("ade20k").u_scale == 1.0
+    assert CtrlU.Config.for_run("cocostuff").t_max == 200
+    assert CtrlU.Config.for_run("hed").lambda_ramp_steps is None
     with pytest.raises(ValueError):
-        CtrlUConfig.for_run("canny")
+        CtrlU.Config.for_run("canny")
 
 
 def test_segmentation_hand_case():
