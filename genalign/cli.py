@@ -127,98 +127,32 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(args) -> int:
-    from genalign.config import load_config
-    from genalign.training.trainer import train
+    from genalign import api
 
-    lm = _lm_objective(args.config)
-    if lm is not None:  # (video-)LM objectives train on TRL with their own config sections
-        import yaml
-
-        from genalign.config import ConfigError, apply_overrides
-
-        raw = apply_overrides(yaml.safe_load(Path(args.config).read_text()) or {}, args.overrides)
-        out = args.output_dir or str(Path("runs") / Path(args.config).stem)
-        from genalign.training.trl_trainers import run_lm_training
-
-        raw["objective"] = {**(raw.get("objective") or {}), "name": lm.loss_type}
-        try:
-            summary = run_lm_training(raw, out)
-        except (ValueError, KeyError) as err:
-            raise ConfigError(f"{args.config}: {str(err).splitlines()[0]}") from None
-        print(f"run folder: {out}  ({', '.join(f'{k}={v}' for k, v in list(summary.items())[:4])})")
-        return 0
     # No config: the built-in quickstart (configs/quickstart.yaml, shipped as package data).
-    cfg = load_config(args.config or QUICKSTART, args.overrides)
+    cfg = api.load_config(args.config or QUICKSTART, args.overrides)
     out = args.output_dir or str(Path("runs") / (Path(args.config).stem if args.config else "quickstart"))
-    summary = train(cfg, out, resume=args.resume, progress=not args.quiet)
+    summary = api.train(cfg, out, resume=args.resume, progress=not args.quiet)
     if "stopped_at" not in summary:
         print(f"run folder: {out}  (export: {out}/export, summary: {out}/summary.json)")
     return 0
 
 
-def _lm_objective(config: str | None):
-    """The registered LM objective class named by ``config``'s ``objective.name``, or None (diffusion configs)."""
-    if not config or not Path(config).exists():
-        return None
-    import yaml
-
-    from genalign.registry import objectives
-
-    try:
-        name = ((yaml.safe_load(Path(config).read_text()) or {}).get("objective") or {}).get("name")
-    except (yaml.YAMLError, AttributeError):
-        return None  # load_config reports it
-    cls = objectives.get(name) if name in objectives else None
-    return cls if getattr(cls, "family", None) == "lm" else None
-
-
 def _cmd_generate(args) -> int:
-    import json
+    from genalign import api
 
-    import torch
-    from diffusers.utils import numpy_to_pil
-
-    from genalign.data.prompts import load_prompts
-    from genalign.pipelines.base import load_diffusers_pipeline
-
-    model = args.model
-    if (Path(model) / "export" / "model_index.json").exists():
-        model = str(Path(model) / "export")
-    out = Path(args.out)
-    from genalign.pipelines.audio import audio_adapter_for, generate_audio_files
-
-    audio = audio_adapter_for(model)
-    if audio is not None:  # text-to-music: WAV files
-        prompts = [p for p in load_prompts(args.prompts, args.max_prompts) for _ in range(args.num_per_prompt)]
-        out.mkdir(parents=True, exist_ok=True)
-        rows = generate_audio_files(audio, prompts, out, args.steps, args.guidance_scale, args.seed, args.batch_size)
-        (out / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        print(f"wrote {len(rows)} WAV files to {out}")
-        return 0
-    pipe = load_diffusers_pipeline(model)
-    pipe.set_progress_bar_config(disable=True)
-    prompts = [p for p in load_prompts(args.prompts, args.max_prompts) for _ in range(args.num_per_prompt)]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(0, len(prompts), args.batch_size):
-        chunk = prompts[i:i + args.batch_size]
-        gens = [torch.Generator().manual_seed(args.seed + i + j) for j in range(len(chunk))]
-        imgs = pipe(chunk, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, generator=gens,
-                    output_type="np").images
-        for j, img in enumerate(numpy_to_pil(imgs)):
-            name = f"{i + j:05d}.png"
-            img.save(out / name)
-            rows.append({"file_name": name, "prompt": chunk[j], "seed": args.seed + i + j})
-    (out / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    print(f"wrote {len(rows)} images to {out}")
+    rows = api.generate(args.model, args.prompts, args.out, steps=args.steps, guidance_scale=args.guidance_scale,
+                        seed=args.seed, batch_size=args.batch_size, num_per_prompt=args.num_per_prompt,
+                        max_prompts=args.max_prompts)
+    kind = "WAV files" if rows and str(rows[0]["file_name"]).endswith(".wav") else "images"
+    print(f"wrote {len(rows)} {kind} to {args.out}")
     return 0
 
 
 def _cmd_export(args) -> int:
-    from genalign.export import export_run
+    from genalign import api
 
-    print(f"exported to {export_run(args.run_dir, args.out_dir, args.checkpoint)}")
+    print(f"exported to {api.export(args.run_dir, args.out_dir, args.checkpoint)}")
     return 0
 
 
@@ -245,7 +179,8 @@ def _cmd_score(args) -> int:
     from rich.table import Table
 
     from genalign.config import ConfigError
-    from genalign.scoring import run_samples, score_samples, write_scores
+    from genalign import api
+    from genalign.scoring import run_samples, write_scores
 
     names = [n.strip() for r in (args.reward or []) for n in r.split(",") if n.strip()]
     if args.conditions:  # controllability of a ControlNet's samples (Ctrl-U / ControlNet++ evaluation)
@@ -279,8 +214,8 @@ def _cmd_score(args) -> int:
     console = Console()
     results = {}
     for label, folder in folders:
-        results[label] = res = score_samples(folder, specs, batch_size=args.batch_size, device=args.device,
-                                             prompts=args.prompts, modality=modality, progress=not args.quiet)
+        results[label] = res = api.score(folder, specs, batch_size=args.batch_size, device=args.device,
+                                         prompts=args.prompts, modality=modality, progress=not args.quiet)
         table = Table(title=f"{folder}: {len(res['per_sample'])} {res['modality']} sample(s)"
                             + (f", {res['skipped']} unreadable skipped" if res["skipped"] else ""))
         for col in ("reward", "n", "mean", "std", "min", "max"):

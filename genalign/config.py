@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError,
+                      model_validator)
 
 
 # Which ``data.source.kind`` values feed each objective ``data_kind`` (objectives may set ``data_sources``).
@@ -222,6 +223,124 @@ class RunConfig(Strict):
         return cls.Config.model_validate(self.objective.model_extra or {})
 
 
+# ------------------------------------------------------------------------------------------ language models (TRL)
+LM_PIPELINES = ("language", "video_language")
+
+
+class LMLoraConfig(Strict):
+    """LoRA for (video-)LMs through peft (``null`` = full fine-tune; the reference is then a frozen copy)."""
+
+    rank: int = Field(8, ge=1, description="LoRA rank r")
+    alpha: float = Field(16, gt=0, description="lora_alpha")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | str | None = Field(
+        None, description="names or a regex; None = attention/MLP projections (video: language model only)")
+    bias: Literal["none", "lora_only", "all"] = "none"
+
+
+class LMPipelineConfig(Strict):
+    """Which (video-)language model: ``name: language`` (causal LM) or ``video_language`` (video-LM)."""
+
+    name: Literal["language", "video_language"]
+    model: str = Field("tiny", description="tiny (random tiny Llama / Qwen2-VL, tests) | hub id | local folder")
+    tiny: dict[str, int] = Field(default_factory=dict, description="tiny architecture kwargs (hidden_size, ...)")
+    extra_special_tokens: list[str] = Field(default_factory=list, description="tiny char tokenizer extras")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+    lora: LMLoraConfig | None = Field(default_factory=LMLoraConfig)
+    reference: Literal["adapter_off", "frozen_copy"] = Field(
+        "adapter_off", description="adapter_off (LoRA disabled) | frozen_copy (needed without LoRA)")
+
+
+class SyntheticLMData(Strict):
+    """Synthetic ``a+b=`` preference pairs (chosen: the sum; rejected: one digit changed) for smoke runs."""
+
+    kind: Literal["arithmetic"] = "arithmetic"
+    n_train: int = Field(64, ge=1)
+    n_eval: int = Field(16, ge=0)
+    seed: int = 0
+
+
+class LMDataConfig(Strict):
+    """Preference rows for LMs: ``train`` / ``eval`` jsonl (``prompt``, ``chosen``, ``rejected`` [+ ``video``, tag
+    columns, token rewards]) or ``synthetic``; tokenisation length; video frame sampling and prompt rendering."""
+
+    train: str | None = None
+    eval: str | None = None
+    synthetic: SyntheticLMData | None = None
+    max_length: int = Field(1024, ge=8, description="prompt + completion tokens (video: expanded video tokens too)")
+    video_root: str | None = None
+    num_frames: int = Field(16, ge=1)
+    frame_sampling: Literal["official", "linspace"] = Field(
+        "official", description="official: int(i*n/k) (RRPO force_sample) | linspace(0, n-1, k)")
+    chat_template: Literal["auto", "on", "off"] = Field(
+        "auto", description="video prompts through the processor's chat template (auto: when it has one)")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.train is None) == (self.synthetic is None):
+            raise ValueError("give exactly one of data.train (jsonl path) or data.synthetic")
+        return self
+
+
+class LMTrainConfig(Strict):
+    """The TRL loop (``trl.DPOConfig`` is built from these; ``trl`` passes further DPOConfig fields through)."""
+
+    steps: int | None = Field(None, ge=1, description="optimizer steps; None = `epochs` passes over the data")
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(8, ge=1, description="pairs per device per micro-step")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-6, gt=0)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    mixed_precision: Annotated[Literal["auto", "no", "fp16", "bf16"], BeforeValidator(_yaml_no)] = Field(
+        "auto", description="auto: bf16 on a bf16-capable GPU, fp32 on CPU")
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(0, ge=0, description="checkpoint every N steps; 0 = only at the end")
+    checkpoints_total_limit: int | None = Field(2, ge=1)
+    log_every: int = Field(1, ge=1)
+    trl: dict[str, Any] = Field(default_factory=dict, description="extra trl.DPOConfig fields (checked by name)")
+
+
+class LMExportConfig(Strict):
+    """``RUN_DIR/export``: merged weights + processor (``AutoModel*.from_pretrained``) and ``adapter/``."""
+
+    enabled: bool = True
+    merge_lora: bool = True
+
+
+class LMRunConfig(Strict):
+    """A language-model run (pipeline family ``language`` / ``video_language``). Load with :func:`load_config`."""
+
+    seed: int = 0
+    pipeline: LMPipelineConfig
+    data: LMDataConfig
+    objective: ObjectiveConfig = Field(default_factory=lambda: ObjectiveConfig(name="dpo"))
+    train: LMTrainConfig = Field(default_factory=LMTrainConfig)
+    export: LMExportConfig = Field(default_factory=LMExportConfig)
+
+    @property
+    def family(self) -> str:
+        """``"lm"``: trained by :mod:`genalign.training.lm`."""
+        return "lm"
+
+    def objective_params(self):
+        """The objective's typed config object (its ``Config`` class instance)."""
+        from genalign.registry import objectives
+
+        cls = objectives.get(self.objective.name)
+        return cls.Config.model_validate(self.objective.model_extra or {})
+
+
+def _is_lm(data: dict) -> bool:
+    pipe = data.get("pipeline")
+    return isinstance(pipe, dict) and pipe.get("name") in LM_PIPELINES
+
+
 def _format_error(err: ValidationError, source: str, prefix: str = "") -> str:
     e = err.errors()[0]
     # Drop pydantic's tagged-union markers so the key reads like the YAML path.
@@ -277,7 +396,8 @@ def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
     return raw
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, data: dict | None = None) -> RunConfig:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                data: dict | None = None) -> RunConfig | LMRunConfig:
     """Load and validate a run config.
 
     Args:
@@ -286,7 +406,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data: a dict used instead of reading ``path`` (still reported as ``path`` in errors).
 
     Returns:
-        the validated :class:`RunConfig`.
+        the validated :class:`RunConfig`, or :class:`LMRunConfig` when ``pipeline.name`` is ``language`` /
+        ``video_language`` (language-model objectives trained on TRL).
 
     Raises:
         ConfigError: missing/unparsable file, unknown key, wrong type, out-of-range value, unknown
@@ -306,8 +427,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(data).__name__}")
     if overrides:
         data = apply_overrides(data, overrides)
+    schema = LMRunConfig if _is_lm(data) else RunConfig
     try:
-        cfg = RunConfig.model_validate(data)
+        cfg = schema.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_error(err, _source_of(err, source, overrides))) from None
     from genalign.registry import objectives, rewards
@@ -316,10 +438,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         obj_cls = objectives.get(cfg.objective.name)
     except KeyError as err:
         raise ConfigError(f"{source}: objective.name: {cfg.objective.name!r}: {err.args[0]}") from None
+    family = getattr(obj_cls, "family", "diffusion")
+    if isinstance(cfg, LMRunConfig) and family != "lm":
+        raise ConfigError(f"{source}: objective.name: {cfg.objective.name!r}: a diffusion objective; "
+                          f"pipeline {cfg.pipeline.name!r} trains language-model objectives (dpo, rpo, fdpo, "
+                          "treg, rrpo)")
+    if not isinstance(cfg, LMRunConfig) and family == "lm":
+        hint = "; for diffusion use diffusion_dpo" if cfg.objective.name == "dpo" else ""
+        raise ConfigError(f"{source}: objective.name: {cfg.objective.name!r}: a language-model objective; set "
+                          f"pipeline.name: language (or video_language){hint}")
     try:
         params = obj_cls.Config.model_validate(cfg.objective.model_extra or {})
     except ValidationError as err:
         raise ConfigError(_format_error(err, source, prefix="objective")) from None
+    if isinstance(cfg, LMRunConfig):
+        if cfg.pipeline.name == "video_language" and not getattr(obj_cls, "video", False):
+            raise ConfigError(f"{source}: objective.name: {cfg.objective.name!r}: video-LM training is implemented "
+                              "for rrpo only")
+        if cfg.pipeline.lora is None and cfg.pipeline.reference == "adapter_off":
+            raise ConfigError(f"{source}: pipeline.reference: 'adapter_off': a full fine-tune (lora: null) needs "
+                              "reference: frozen_copy")
+        cfg.objective = ObjectiveConfig(name=cfg.objective.name, **params.model_dump())
+        return cfg
     if getattr(obj_cls, "needs_reference", False) and cfg.pipeline.reference == "none":
         raise ConfigError(f"{source}: pipeline.reference: 'none': objective {cfg.objective.name!r} needs a reference "
                           "model (adapter_off with LoRA, or frozen_copy)")

@@ -145,7 +145,9 @@ def main():
     from trl import DPOConfig
 
     from genalign.pipelines.language import build_char_tokenizer, build_tiny_llama, lora_config, reference_mode
-    from genalign.training.trl_trainers import TRAINERS, ObjectiveArgs, compute_token_rewards
+    from genalign.objectives.treg import compute_token_rewards
+    from genalign.registry import objectives
+    from genalign.training.lm import PreferenceTrainer
 
     t0 = time.time()
     torch.manual_seed(args.seed)
@@ -185,9 +187,10 @@ def main():
                             learning_rate=args.lr, lr_scheduler_type="constant", logging_steps=10,
                             report_to="none", save_strategy="no", gradient_checkpointing=False, use_cpu=True,
                             seed=args.seed, disable_tqdm=True, max_length=64, bf16=False)
-            obj = ObjectiveArgs(loss_type=method, beta=args.beta, segments="diff", kl_chunk_size=256)
-            tr = TRAINERS[method](model, args=cfg, objective=obj, train_dataset=ds, processing_class=tok,
-                                  peft_config=lora_config(r=16, alpha=32))
+            extra = {"segments": "diff", "kl_chunk_size": 256} if method == "rrpo" else {}
+            obj = objectives.get(method).from_params(beta=args.beta, **extra)
+            tr = PreferenceTrainer(model, args=cfg, objective=obj, train_dataset=ds, processing_class=tok,
+                                   peft_config=lora_config(r=16, alpha=32))
             tr.remove_callback(PrinterCallback)  # keep stdout to the final table
             tr.train()
         pol = tr.model.eval()

@@ -98,3 +98,38 @@ def test_fuzz_invalid_configs_give_one_line_errors(tmp_path, data):
         load_config(p)
     except ConfigError as e:
         assert "\n" not in str(e) and str(p) in str(e)
+
+
+# ------------------------------------------------------------------------------------------ language models
+def test_lm_configs_load_through_the_same_load_config():
+    from genalign.config import LMRunConfig
+    from genalign.objectives.rrpo import RRPO
+    from genalign.objectives.treg import TREG
+
+    cfg = load_config(ROOT / "configs" / "treg_tiny.yaml")
+    assert isinstance(cfg, LMRunConfig) and cfg.pipeline.name == "language"
+    assert isinstance(cfg.objective_params(), TREG.Config) and cfg.objective_params().alpha == 0.25
+    video = load_config(ROOT / "configs" / "rrpo_llava_video.yaml")
+    assert video.pipeline.name == "video_language" and isinstance(video.objective_params(), RRPO.Config)
+    assert video.pipeline.lora.dropout == 0.05  # issue 14 item 4: the official train_llavavideo.py default
+
+
+@pytest.mark.parametrize("override,key", [
+    ("train.bogus=1", "train.bogus"),
+    ("data.bogus=1", "data.bogus"),
+    ("pipeline.lora.rnk=4", "pipeline.lora.rnk"),
+    ("objective.betta=1", "objective.betta"),
+    ("objective.name=mapo", "objective.name"),
+    ("pipeline.lora=null", "pipeline.reference"),
+])
+def test_lm_unknown_keys_and_mismatches_are_one_line_errors(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs" / "treg_tiny.yaml", [override])
+    assert "\n" not in str(e.value) and key in str(e.value)
+
+
+def test_lm_objective_on_a_diffusion_pipeline_names_diffusion_dpo():
+    with pytest.raises(ConfigError, match="language-model objective.*diffusion_dpo"):
+        load_config(None, ["objective.name=dpo"])
+    with pytest.raises(ConfigError, match="video-LM training is implemented for rrpo only"):
+        load_config(ROOT / "configs" / "treg_tiny.yaml", ["pipeline.name=video_language"])

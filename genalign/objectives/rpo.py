@@ -14,23 +14,20 @@ Sources
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
-__all__ = ["dpo_loss", "rpo_loss", "fdpo_loss", "f_divergence_scores", "masked_sum", "F_DIVERGENCES"]
+from genalign.objectives.lm_base import LMLossOutput, LMObjective, LMParams, TokenForward, masked_sum
+from genalign.registry import objectives as OBJECTIVES
+
+__all__ = ["dpo_loss", "rpo_loss", "fdpo_loss", "f_divergence_scores", "masked_sum", "F_DIVERGENCES", "DPO", "RPO",
+           "FDPO"]
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 SFT_REDUCTIONS = ("sum", "mean", "batch_token_mean")
-
-
-def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum ``values`` [B, T] over dim 1 where ``mask`` [B, T] is nonzero, in float32 → [B].
-
-    Masked positions are zeroed with ``where`` (not multiplied), so a NaN/inf at a padded position cannot leak.
-    """
-    values = values.float()
-    return torch.where(mask.bool(), values, torch.zeros_like(values)).sum(dim=1)
 
 
 def _check_pair_shapes(*tensors: torch.Tensor) -> None:
@@ -186,30 +183,54 @@ def rpo_loss(
     return losses + alpha * nll, chosen_rewards, rejected_rewards
 
 
-# -- registry entries: language-model objectives run on TRL (genalign.training.trl_trainers) -------------------
-from genalign.registry import objectives as OBJECTIVES  # noqa: E402
-
-
-class LMObjective:
-    """Base of the (video-)language-model objectives. They train through TRL's DPOTrainer subclasses in
-    :mod:`genalign.training.trl_trainers`; ``genalign train`` sends their configs (sections ``objective``,
-    ``model``, ``data``, ``train``) to ``run_lm_training`` with ``objective.name = loss_type``."""
-
-    family = "lm"
-    data_kind = "token-pairs"
-    loss_type = "dpo"
-
-
-@OBJECTIVES.register("dpo", "DPO for (video-)LMs on TRL (Rafailov et al. 2023), sequence-level baseline")
+# -- registry entries: the TRL trainer (genalign.training.lm) asks these for their loss ---------------------------
+@OBJECTIVES.register("dpo", "DPO for (video-)LMs on TRL (Rafailov et al. 2023); diffusion: diffusion_dpo")
 class DPO(LMObjective):
-    loss_type = "dpo"
+    """Sequence-level DPO on summed completion log-probs (:func:`dpo_loss`)."""
+
+    class Config(LMParams):
+        """``beta``: β > 0 (TRL default 0.1 [code])."""
+
+        beta: float = Field(0.1, gt=0)
+
+    def lm_loss(self, fwd: TokenForward) -> LMLossOutput:
+        (sc, sr, rc, rr), _ = self.sequence_logps(fwd)
+        losses, cw, cl = dpo_loss(sc, sr, rc, rr, beta=self.config.beta)
+        return LMLossOutput(losses, cw, cl, {"pref_loss": losses})
 
 
 @OBJECTIVES.register("rpo", "RPO: DPO + NLL on the chosen response (Liu et al. 2024), on TRL")
 class RPO(LMObjective):
-    loss_type = "rpo"
+    """RPO (:func:`rpo_loss`): DPO plus α·NLL of the chosen response in one of three published reductions."""
+
+    class Config(LMParams):
+        """``rpo_alpha``: NLL weight η (zephyr recipe 0.005 [code]); ``sft_reduction``: card treg.md §2.4."""
+
+        beta: float = Field(0.1, gt=0)
+        rpo_alpha: float = Field(0.005, ge=0)
+        sft_reduction: Literal["sum", "mean", "batch_token_mean"] = "sum"
+
+    def lm_loss(self, fwd: TokenForward) -> LMLossOutput:
+        (sc, sr, rc, rr), (_, _, _, _, mc, _) = self.sequence_logps(fwd)
+        c = self.config
+        losses, cw, cl = rpo_loss(sc, sr, rc, rr, beta=c.beta, alpha=c.rpo_alpha, sft_reduction=c.sft_reduction,
+                                  chosen_lengths=mc.sum(1))
+        return LMLossOutput(losses, cw, cl, {"sft_loss": -sc / mc.sum(1).clamp(min=1)})
 
 
 @OBJECTIVES.register("fdpo", "f-DPO: DPO with an f-divergence (Wang et al. 2023), on TRL")
 class FDPO(LMObjective):
-    loss_type = "fdpo"
+    """f-DPO (:func:`fdpo_loss`)."""
+
+    class Config(LMParams):
+        """``f_divergence``: one of ``F_DIVERGENCES``; ``f_alpha_coef``: TRL's ``f_alpha_divergence_coef``."""
+
+        beta: float = Field(0.1, gt=0)
+        f_divergence: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = "reverse_kl"
+        f_alpha_coef: float = 1.0
+
+    def lm_loss(self, fwd: TokenForward) -> LMLossOutput:
+        (sc, sr, rc, rr), _ = self.sequence_logps(fwd)
+        c = self.config
+        losses, cw, cl = fdpo_loss(sc, sr, rc, rr, beta=c.beta, divergence=c.f_divergence, alpha_coef=c.f_alpha_coef)
+        return LMLossOutput(losses, cw, cl, {"pref_loss": losses})

@@ -13,12 +13,24 @@ count as 0). All arithmetic float32.
 
 from __future__ import annotations
 
+import copy
+from collections import Counter
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from pydantic import Field
 
-from genalign.objectives.rpo import masked_sum
+from genalign.data.segments import (
+    segment_ids_from_diff,
+    segment_ids_from_tags,
+    strip_tag_tokens,
+    tag_token_variants,
+)
+from genalign.objectives.lm_base import LMLossOutput, LMObjective, LMParams, TokenForward, masked_sum
+from genalign.pipelines.language import tokenize_text
+from genalign.pipelines.lm_head import token_kl_chunked, token_logps_chunked
+from genalign.registry import objectives as OBJECTIVES
 
 __all__ = [
     "rrpo_loss",
@@ -29,7 +41,11 @@ __all__ = [
     "segment_ids_from_tags",
     "segment_ids_from_diff",
     "tag_token_variants",
+    "RRPO",
+    "TAG_COLUMNS",
 ]
+
+TAG_COLUMNS = (("chosen_masked", "rejected_masked"), ("answer_masked", "pred_masked"))
 
 
 # --------------------------------------------------------------------------------------------------- loss
@@ -120,130 +136,121 @@ def token_kl_from_logits(policy_logits: torch.Tensor, ref_logits: torch.Tensor, 
     return kl
 
 
-def _linear32(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    return F.linear(h.float(), w, None if b is None else b.float())
-
-
-def _kl_chunk(hp, hr, w, wr, b, br):
-    lp = torch.log_softmax(_linear32(hp, w, b), dim=-1)
-    lq = torch.log_softmax(_linear32(hr, wr, br), dim=-1)
-    return (lq.exp() * (lq - lp)).sum(-1)
-
-
-def _logp_chunk(h, w, b, ids):
-    logits = _linear32(h, w, b)
-    return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-
-
-def _needs_grad(*ts) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
-
-
-def token_kl_chunked(
-    policy_hidden: torch.Tensor,
-    ref_hidden: torch.Tensor,
-    lm_head_weight: torch.Tensor,
-    mask: torch.Tensor,
-    chunk_size: int = 1024,
-    ref_lm_head_weight: torch.Tensor | None = None,
-    lm_head_bias: torch.Tensor | None = None,
-    ref_lm_head_bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Full-vocabulary per-position ``KL(π_ref ‖ π_θ)`` from final hidden states, ``chunk_size`` positions at a time.
-
-    Only masked positions are projected through the LM head; each chunk runs under activation checkpointing, so
-    neither the forward nor the saved-for-backward state ever holds more than ``chunk_size × V`` logits (the
-    chunk's logits are recomputed in backward). Gradients flow to ``policy_hidden`` (and ``lm_head_weight`` if it
-    requires grad); the reference side is detached.
-
-    Args:
-        policy_hidden: [B, T, H] policy final hidden states, position t predicting token t+1 (already shifted).
-        ref_hidden: [B, T, H] reference hidden states at the same positions.
-        lm_head_weight: [V, H] policy LM head. ref_lm_head_weight: [V, H] reference head (default: the same).
-        mask: [B, T] positions to score (chosen completion positions).
-        chunk_size: positions per chunk (> 0); memory ∝ chunk_size·V.
-        lm_head_bias, ref_lm_head_bias: optional [V] biases. Logit soft-capping / scaling are not supported.
-
-    Returns:
-        [B, T] float32 KL (nats, ≥ 0), 0 at unmasked positions.
-
-    Raises:
-        ValueError: ``chunk_size <= 0`` or shape mismatch.
-
-    Source: card rrpo.md §5 option (b) (genalign design); value identical to official ``per_position_kl``.
-    """
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
-    if policy_hidden.shape != ref_hidden.shape or policy_hidden.shape[:2] != mask.shape:
-        raise ValueError(
-            f"shape mismatch: policy {tuple(policy_hidden.shape)}, ref {tuple(ref_hidden.shape)}, mask {tuple(mask.shape)}"
-        )
-    idx = mask.bool()
-    hp = policy_hidden[idx]
-    hr = ref_hidden.detach()[idx]
-    w = lm_head_weight.float()
-    wr = (lm_head_weight if ref_lm_head_weight is None else ref_lm_head_weight).detach().float()
-    br = (lm_head_bias if ref_lm_head_bias is None else ref_lm_head_bias)
-    br = None if br is None else br.detach()
-    ckpt = _needs_grad(hp, w, lm_head_bias)
-    pieces = []
-    for s in range(0, hp.shape[0], chunk_size):
-        args = (hp[s : s + chunk_size], hr[s : s + chunk_size], w, wr, lm_head_bias, br)
-        pieces.append(checkpoint(_kl_chunk, *args, use_reentrant=False) if ckpt else _kl_chunk(*args))
-    flat = torch.cat(pieces) if pieces else hp.new_zeros(0, dtype=torch.float32) + 0.0 * hp.sum()
-    return torch.zeros(mask.shape, dtype=torch.float32, device=flat.device).masked_scatter(idx, flat)
-
-
-def token_logps_chunked(
-    hidden: torch.Tensor,
-    lm_head_weight: torch.Tensor,
-    target_ids: torch.Tensor,
-    mask: torch.Tensor,
-    chunk_size: int = 1024,
-    lm_head_bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Per-token ``log π(target_t | ·)`` from hidden states, chunked like :func:`token_kl_chunked`.
-
-    Args:
-        hidden: [B, T, H] final hidden states (position t predicts ``target_ids[:, t]``).
-        lm_head_weight: [V, H]. lm_head_bias: optional [V].
-        target_ids: [B, T] int64 next-token ids. mask: [B, T] positions to score.
-        chunk_size: positions per chunk (> 0).
-
-    Returns:
-        [B, T] float32 log-probs (nats, ≤ 0), 0 at unmasked positions.
-
-    Raises:
-        ValueError: ``chunk_size <= 0``.
-    """
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
-    idx = mask.bool()
-    h = hidden[idx]
-    ids = target_ids[idx]
-    w = lm_head_weight.float()
-    ckpt = _needs_grad(h, w, lm_head_bias)
-    pieces = []
-    for s in range(0, h.shape[0], chunk_size):
-        args = (h[s : s + chunk_size], w, lm_head_bias, ids[s : s + chunk_size])
-        pieces.append(checkpoint(_logp_chunk, *args, use_reentrant=False) if ckpt else _logp_chunk(*args))
-    flat = torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32) + 0.0 * h.sum()
-    return torch.zeros(mask.shape, dtype=torch.float32, device=flat.device).masked_scatter(idx, flat)
-
-
-# Segment-id extraction (tags / token diffs) is data processing: it lives in genalign.data.segments and is
-# re-exported here for convenience.
-from genalign.data.segments import (  # noqa: E402,F401
-    segment_ids_from_diff,
-    segment_ids_from_tags,
-    strip_tag_tokens,
-    tag_token_variants,
-)
-
-from genalign.objectives.rpo import LMObjective  # noqa: E402
-from genalign.registry import objectives as OBJECTIVES  # noqa: E402
-
-
+# --------------------------------------------------------------------------------------------------- objective
 @OBJECTIVES.register("rrpo", "RRPO: sub-sequence rewards + token-wise KL (Sarkar & Etemad, NeurIPS 2025), on TRL")
 class RRPO(LMObjective):
-    loss_type = "rrpo"
+    """RRPO on TRL: phrase margins + token-wise KL(π_ref‖π_θ) on the chosen response (:func:`rrpo_loss`).
+
+    Segment ids come from ``<MASK>…</MASK>``-tagged copies of the responses (``chosen_masked`` /
+    ``rejected_masked`` or the official ``answer_masked`` / ``pred_masked``) or from a token diff
+    (``segments``). Pairs with no phrase are dropped and counted before training; pairs whose phrase is cut off by
+    truncation are left out of the loss and counted (``counts["dropped_after_truncation"]``), never a crash. The
+    per-token log-probs and the full-vocabulary KL come from one chunked pass over the final hidden states
+    (:func:`genalign.pipelines.lm_head.token_stats_chunked`).
+
+    Source: RRPO (arXiv 2504.12083), official ``pritamqu/RRPO@a905573`` ``llava/losses.py``; card rrpo.md.
+    """
+
+    online_reference = True  # the token KL needs the reference distribution at every position
+    video = True
+
+    class Config(LMParams):
+        """β, α [code] (LLaVA-Video 0.1 / 0.01); ``kl_chunk_size``: positions per LM-head chunk (memory knob);
+        ``segments``: ``auto`` (tags if tag columns exist, else diff) | ``tags`` | ``diff``; ``min_match``: diff
+        minimum matching block (1 [code]); ``fused_space_tags``: tag variants with a fused space ([code]; off for
+        character-level tokenizers); ``tag_open`` / ``tag_close``: phrase tags ([code] ``<MASK>``/``</MASK>``)."""
+
+        beta: float = Field(0.1, gt=0)
+        alpha: float = Field(0.01, ge=0)
+        kl_chunk_size: int = Field(1024, ge=1)
+        segments: Literal["auto", "tags", "diff"] = "auto"
+        min_match: int = Field(1, ge=1)
+        fused_space_tags: bool = True
+        tag_open: str = "<MASK>"
+        tag_close: str = "</MASK>"
+
+    def __init__(self, config=None, model=None):
+        super().__init__(config, model)
+        self.counts: Counter = Counter()
+
+    def token_fields(self):
+        return {"segment_ids": ("chosen_segment_ids", "rejected_segment_ids", 0)}
+
+    def collator_options(self):
+        c = self.config
+        return {"segment_mode": c.segments, "min_match": c.min_match, "fused_space_tags": c.fused_space_tags,
+                "tag_open": c.tag_open, "tag_close": c.tag_close}
+
+    def extra_columns(self):
+        return super().extra_columns() + [c for pair in TAG_COLUMNS for c in pair]
+
+    def prepare_dataset(self, dataset, processing_class, name, counts):
+        """Segment ids per completion token (tags or diff); rows without a phrase are dropped and counted.
+
+        Raises:
+            ValueError: ``segments='tags'`` without tag columns, or no row has a phrase.
+        """
+        c = self.config
+        cols = next((t for t in TAG_COLUMNS if t[0] in dataset.column_names), None)
+        mode = c.segments if c.segments != "auto" else ("tags" if cols else "diff")
+        if mode == "tags" and cols is None:
+            raise ValueError(f"segments='tags' needs columns {TAG_COLUMNS}")
+        tok = getattr(processing_class, "tokenizer", processing_class)
+        if mode == "tags":
+            tag_tok = copy.deepcopy(tok)
+            tag_tok.add_special_tokens({"additional_special_tokens": [c.tag_open, c.tag_close]})
+            starts, ends = tag_token_variants(tag_tok, c.tag_open, c.tag_close, fused_space=c.fused_space_tags)
+        statuses: Counter = Counter()
+
+        def add(ex):
+            if mode == "diff":
+                statuses["diff"] += 1
+                sc, sr = segment_ids_from_diff(ex["chosen_ids"], ex["rejected_ids"], min_match=c.min_match)
+                return {"chosen_segment_ids": sc, "rejected_segment_ids": sr}
+            segs = []
+            for side, col in (("chosen", cols[0]), ("rejected", cols[1])):
+                tagged = ex[col]
+                if isinstance(ex["prompt"], list):
+                    full = tokenize_text(tag_tok, ex["prompt"] + [{"role": "assistant", "content": tagged}])
+                else:
+                    if not tagged.endswith(tok.eos_token) and ex[side].endswith(tok.eos_token):
+                        tagged = tagged + tok.eos_token
+                    full = tokenize_text(tag_tok, ex["prompt"] + tagged)
+                plain = list(ex["prompt_ids"]) + list(ex[f"{side}_ids"])
+                seg, status = segment_ids_from_tags(full, plain, starts, ends)
+                statuses[f"{side}/{status}"] += 1
+                segs.append(seg[len(ex["prompt_ids"]):])
+            return {"chosen_segment_ids": segs[0], "rejected_segment_ids": segs[1]}
+
+        dataset = dataset.map(add)
+        n = len(dataset)
+        dataset = dataset.filter(lambda ex: any(s > 0 for s in ex["chosen_segment_ids"])
+                                 or any(s > 0 for s in ex["rejected_segment_ids"]))
+        for k, v in statuses.items():
+            counts[f"{name}/segments/{k}"] += v
+        if len(dataset) < n:
+            counts[f"{name}/dropped_no_phrase"] += n - len(dataset)
+        if len(dataset) == 0:
+            raise ValueError(f"RRPO: no {name} pair has a differing phrase (statuses {dict(statuses)})")
+        return dataset
+
+    def lm_loss(self, fwd: TokenForward) -> LMLossOutput:
+        c = self.config
+        logps, ref_logps, kl = fwd.token_logps_and_kl(c.kl_chunk_size)
+        B = logps.size(0) // 2
+        mc, mr = self.split(fwd.mask)
+        seg_c, seg_r = self.split(fwd.field("segment_ids"))
+        # a phrase cut off by truncation leaves a pair without signal: leave it out of the loss and count it
+        keep = ((seg_c > 0) & mc).any(1) | ((seg_r > 0) & mr).any(1)
+        if not bool(keep.all()):
+            self.counts["dropped_after_truncation"] += int((~keep).sum())
+        if not bool(keep.any()):
+            zero = 0.0 * logps.sum() + 0.0 * kl.sum()
+            return LMLossOutput(zero[None], zero.detach()[None], zero.detach()[None], {})
+        k = keep
+        losses, cw, cl, d = rrpo_loss(logps[:B][k], logps[B:][k], ref_logps[:B][k], ref_logps[B:][k], seg_c[k],
+                                      seg_r[k], kl[k], mc[k], beta=c.beta, alpha=c.alpha, rejected_mask=mr[k],
+                                      return_details=True)
+        return LMLossOutput(losses, cw, cl, {"pref_loss": d["pref"], "kl": d["kl"], "kl_weighted": c.alpha * d["kl"],
+                                             "logps/chosen": masked_sum(logps[:B], mc).detach(),
+                                             "logps/rejected": masked_sum(logps[B:], mr).detach()})

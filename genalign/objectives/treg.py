@@ -13,8 +13,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import copy
+from typing import Literal
 
-from genalign.objectives.rpo import masked_sum
+from pydantic import Field
+
+from genalign.objectives.lm_base import LMLossOutput, LMObjective, LMParams, TokenForward, masked_sum
+from genalign.pipelines.language import reference_mode, tokenize_like_trl, tokenize_text
+from genalign.registry import objectives as OBJECTIVES
 
 __all__ = [
     "treg_loss",
@@ -22,6 +28,10 @@ __all__ = [
     "token_rewards_from_contrastive_prompts",
     "gather_token_logps",
     "REG_FORMS",
+    "compute_token_rewards",
+    "TREG",
+    "DEFAULT_BETTER_TEMPLATE",
+    "DEFAULT_WORSE_TEMPLATE",
 ]
 
 REG_FORMS = ("logp", "ratio")
@@ -203,10 +213,158 @@ def simpo_treg_loss(
     return out
 
 
-from genalign.objectives.rpo import LMObjective  # noqa: E402
-from genalign.registry import objectives as OBJECTIVES  # noqa: E402
+# --------------------------------------------------------------------------------------------------- token rewards
+# T-REG contrastive prompts: exact wording unknown → genalign recommendation (card treg.md §2.1).
+DEFAULT_BETTER_TEMPLATE = (
+    "Revise the response to the request below so that it is more helpful, correct, coherent and concise.\n\n"
+    "Request: {prompt}\n\nRevised response: "
+)
+DEFAULT_WORSE_TEMPLATE = (
+    "Revise the response to the request below so that it is unhelpful, incorrect, incoherent and verbose.\n\n"
+    "Request: {prompt}\n\nRevised response: "
+)
 
 
+def _context(prompt, template: str) -> str | list:
+    if isinstance(prompt, str):
+        return template.format(prompt=prompt)
+    # conversational: rewrite the last user turn with the revision instruction (recommendation)
+    msgs = copy.deepcopy(prompt)
+    last = max(i for i, m in enumerate(msgs) if m["role"] == "user")
+    msgs[last]["content"] = template.format(prompt=msgs[last]["content"])
+    return msgs
+
+
+@torch.no_grad()
+def compute_token_rewards(model, tokenizer, dataset, better_template: str = DEFAULT_BETTER_TEMPLATE,
+                          worse_template: str = DEFAULT_WORSE_TEMPLATE, batch_size: int = 8, device=None,
+                          store_token_ids: bool = True):
+    """T-REG token rewards by contrastive prompting with the frozen initial model (offline, once).
+
+    For every row and both completions, the trainer's completion token ids (``tokenize_like_trl``) are
+    teacher-forced after a "make it better" context and after a "make it worse" context built from the prompt; the
+    reward of token t is ``σ(log π_0(y_t|x_better, y_<t) − log π_0(y_t|x_worse, y_<t)) − ½``.
+
+    Args:
+        model: the frozen initial policy π_0 (a ``PeftModel`` is evaluated with adapters disabled).
+        tokenizer: the tokenizer the trainer will use.
+        dataset: ``datasets.Dataset`` (or list of dicts) with ``prompt``, ``chosen``, ``rejected``.
+        better_template, worse_template: contexts with a ``{prompt}`` placeholder. **[unknown → rec.]**: the
+            paper's wording was not retrievable (card treg.md §2.1); record them in the run card.
+        batch_size: sequences per forward. device: defaults to the model's device.
+        store_token_ids: also store ``{side}_token_reward_ids`` so the trainer can verify the alignment.
+
+    Returns:
+        ``datasets.Dataset`` with ``chosen_token_rewards`` / ``rejected_token_rewards`` (lists of floats in
+        (−0.5, 0.5), one per completion token).
+
+    Raises:
+        ValueError: a template without ``{prompt}``.
+
+    Source: T-REG §3 (contrastive prompting), card treg.md §2.1.
+    """
+    from datasets import Dataset
+
+    for t in (better_template, worse_template):
+        if "{prompt}" not in t:
+            raise ValueError("templates need a {prompt} placeholder")
+    if not isinstance(dataset, Dataset):
+        dataset = Dataset.from_list(list(dataset))
+    device = device or next(model.parameters()).device
+    rows = [dict(r) for r in dataset]
+    items = []  # (row index, side, better context ids, worse context ids, completion ids)
+    for i, ex in enumerate(rows):
+        ids = tokenize_like_trl(tokenizer, ex)
+        ctx = [tokenize_text(tokenizer, _context(ex["prompt"], tpl), add_generation_prompt=True) for tpl in (better_template, worse_template)]
+        for side in ("chosen", "rejected"):
+            items.append((i, side, ctx[0], ctx[1], ids[f"{side}_ids"]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    results, ids_out = {}, {}
+    with reference_mode(model):
+        for s in range(0, len(items), batch_size):
+            chunk = items[s: s + batch_size]
+            seqs, starts = [], []
+            for _, _, cb, cw, y in chunk:
+                for ctx in (cb, cw):
+                    seqs.append(ctx + y)
+                    starts.append(len(ctx))
+            width = max(map(len, seqs))
+            input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+            attn = torch.zeros_like(input_ids)
+            for j, sq in enumerate(seqs):
+                input_ids[j, : len(sq)] = torch.tensor(sq)
+                attn[j, : len(sq)] = 1
+            logits = model(input_ids=input_ids.to(device), attention_mask=attn.to(device), use_cache=False).logits
+            logps = torch.log_softmax(logits.float()[:, :-1], -1).gather(-1, input_ids.to(device)[:, 1:, None])[..., 0]
+            for k, (i, side, _, _, y) in enumerate(chunk):
+                lb = logps[2 * k, starts[2 * k] - 1: starts[2 * k] - 1 + len(y)]
+                lw = logps[2 * k + 1, starts[2 * k + 1] - 1: starts[2 * k + 1] - 1 + len(y)]
+                results[(i, side)] = token_rewards_from_contrastive_prompts(lb, lw).cpu().tolist()
+                ids_out[(i, side)] = list(y)
+    out = dataset
+    for side in ("chosen", "rejected"):
+        cols = [(f"{side}_token_rewards", results)] + ([(f"{side}_token_reward_ids", ids_out)] if store_token_ids else [])
+        for col, src in cols:
+            if col in out.column_names:
+                out = out.remove_columns(col)
+            out = out.add_column(col, [src[(i, side)] for i in range(len(rows))])
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- objective
 @OBJECTIVES.register("treg", "T-REG: DPO + token-level reward regularisation (Zhou et al., ACL 2025), on TRL")
 class TREG(LMObjective):
-    loss_type = "treg"
+    """DPO-REG (:func:`treg_loss`) with token rewards computed once by contrastive prompting (:meth:`prepare_rows`)."""
+
+    class Config(LMParams):
+        """β, α (**[unknown → rec.]** 0.25, paper grid {0.1, 0.25, 0.5}), ``reg_form`` (**[recon]**), and the
+        contrastive-prompting templates / batch size used to compute token rewards when rows lack them."""
+
+        beta: float = Field(0.1, gt=0)
+        alpha: float = Field(0.25, ge=0)
+        reg_form: Literal["logp", "ratio"] = "logp"
+        better_template: str = DEFAULT_BETTER_TEMPLATE
+        worse_template: str = DEFAULT_WORSE_TEMPLATE
+        token_reward_batch_size: int = Field(8, ge=1)
+
+    def token_fields(self):
+        return {"token_rewards": ("chosen_token_rewards", "rejected_token_rewards", 0.0)}
+
+    def prepare_rows(self, dataset, model, tokenizer):
+        if "chosen_token_rewards" in dataset.column_names:
+            return dataset
+        c = self.config
+        return compute_token_rewards(model, tokenizer, dataset, c.better_template, c.worse_template,
+                                     c.token_reward_batch_size)
+
+    def prepare_dataset(self, dataset, processing_class, name, counts):
+        missing = {"chosen_token_rewards", "rejected_token_rewards"} - set(dataset.column_names)
+        if missing:
+            raise ValueError(f"{name} dataset lacks {sorted(missing)}; run compute_token_rewards() first")
+        has_ids = "chosen_token_reward_ids" in dataset.column_names
+        for ex in dataset:
+            for side in ("chosen", "rejected"):
+                n_r, n_t = len(ex[f"{side}_token_rewards"]), len(ex[f"{side}_ids"])
+                if n_r != n_t:
+                    raise ValueError(f"{name} row {ex['row_id']}: {side}_token_rewards has {n_r} values but "
+                                     f"TRL tokenised the {side} completion into {n_t} tokens")
+                if has_ids and list(ex[f"{side}_token_reward_ids"]) != list(ex[f"{side}_ids"]):
+                    raise ValueError(f"{name} row {ex['row_id']}: token rewards were computed on different "
+                                     f"{side} token ids than the trainer's")
+        return dataset
+
+    def lm_loss(self, fwd: TokenForward) -> LMLossOutput:
+        c = self.config
+        _, (pc, pr, rc_tok, rr_tok, mc, mr) = self.sequence_logps(fwd)
+        logps, ref_logps, ref_sums = fwd.token_logps()
+        if c.reg_form == "ratio" and rc_tok is None:
+            raise ValueError("reg_form='ratio' needs per-token reference log-probs (precompute_ref_log_probs=False)")
+        ref_c = rc_tok if rc_tok is not None else ref_sums[0]
+        ref_r = rr_tok if rr_tok is not None else ref_sums[1]
+        tr_c, tr_r = self.split(fwd.field("token_rewards").float())
+        losses, cw, cl, d = treg_loss(pc, pr, ref_c, ref_r, tr_c, tr_r, mc, mr, beta=c.beta, alpha=c.alpha,
+                                      reg_form=c.reg_form, return_details=True)
+        reg = d["reg_chosen"] + d["reg_rejected"]
+        return LMLossOutput(losses, cw, cl, {"pref_loss": d["dpo"], "treg/reg": reg,
+                                             "treg/reg_weighted": c.alpha * d["weight"] * reg,
+                                             "treg/weight": d["weight"]})

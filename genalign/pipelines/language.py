@@ -36,9 +36,23 @@ __all__ = [
     "build_lm_from_config",
     "VISION_SPECIAL_TOKENS",
     "LM_TARGET_MODULES",
+    "tokenize_text",
+    "tokenize_like_trl",
 ]
 
 VISION_SPECIAL_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
+# A ChatML conversation template with a default system prompt and Qwen2-VL's vision placeholders (the layout of
+# Qwen2 / LLaVA-Video's ``qwen_1_5`` conversation), so the tiny video-LM is a "chat model" like the real ones.
+TINY_CHATML_TEMPLATE = (
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\n"
+    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 LM_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # LoRA on the language model only (vision tower and projector frozen) — RRPO run.sh [code]
 VIDEO_LM_TARGET_REGEX = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
@@ -164,12 +178,14 @@ def build_tiny_qwen2_vl(
     vision_embed_dim: int = 32,
     frame_size: int = 56,
     seed: int = 0,
+    chat_template: bool = True,
 ):
     """A randomly initialised ``Qwen2VLForConditionalGeneration`` + ``Qwen2VLProcessor`` (offline).
 
     The processor wraps :func:`build_char_tokenizer` (with the Qwen2-VL vision tokens) and default-constructed
     Qwen2-VL image / video processors whose pixel budget is pinned to ``frame_size²`` so a frame of that size gives
-    ``(frame_size/14)²/4`` merged tokens per 2 frames.
+    ``(frame_size/14)²/4`` merged tokens per 2 frames. With ``chat_template`` the processor carries a ChatML
+    template with a system prompt (:data:`TINY_CHATML_TEMPLATE`), as chat checkpoints do.
 
     Returns:
         ``(model, processor)``; model in float32, LM head untied.
@@ -187,7 +203,7 @@ def build_tiny_qwen2_vl(
 
     if frame_size % 28:
         raise ValueError(f"frame_size must be a multiple of 28, got {frame_size}")
-    tok = build_char_tokenizer(extra_special_tokens=VISION_SPECIAL_TOKENS)
+    tok = build_char_tokenizer(extra_special_tokens=VISION_SPECIAL_TOKENS + CHATML_TOKENS)
     ids = {t: tok.convert_tokens_to_ids(t) for t in VISION_SPECIAL_TOKENS}
     head_dim = hidden_size // num_heads
     half = head_dim // 2
@@ -200,7 +216,7 @@ def build_tiny_qwen2_vl(
             num_hidden_layers=num_layers,
             num_attention_heads=num_heads,
             num_key_value_heads=num_heads,
-            max_position_embeddings=1024,
+            max_position_embeddings=32768,
             rope_parameters={"rope_type": "default", "mrope_section": mrope, "rope_theta": 10000.0},
             pad_token_id=tok.pad_token_id,
             bos_token_id=tok.bos_token_id,
@@ -224,6 +240,7 @@ def build_tiny_qwen2_vl(
         image_processor=Qwen2VLImageProcessor(size=size),
         tokenizer=tok,
         video_processor=Qwen2VLVideoProcessor(size=size, do_sample_frames=False),
+        chat_template=TINY_CHATML_TEMPLATE if chat_template else None,
     )
     model.generation_config.pad_token_id = tok.pad_token_id
     return model, processor
@@ -407,3 +424,51 @@ def build_lm_from_config(model_cfg: dict) -> LMBundle:
         trust_remote_code=model_cfg.get("trust_remote_code", False),
         attn_implementation=model_cfg.get("attn_implementation"),
     )
+
+
+# --------------------------------------------------------------------------------------------------- tokenisation
+def tokenize_text(processing_class, text, add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of a plain string (``processing_class(text=...)``, the tokenizer's own special tokens) or of a
+    conversation (a list of ``{"role", "content"}`` messages through the chat template), as TRL 1.16 tokenises
+    dataset rows. ``add_generation_prompt`` applies to conversations only."""
+    if isinstance(text, list):
+        out = processing_class.apply_chat_template(text, tokenize=True, return_dict=True,
+                                                   add_generation_prompt=add_generation_prompt)["input_ids"]
+    else:
+        out = processing_class(text=text)["input_ids"]
+    if out and isinstance(out[0], list):  # processors keep a batch dimension
+        out = out[0]
+    return list(out)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def tokenize_like_trl(processing_class, example: dict) -> dict:
+    """Tokenise one preference row exactly as TRL 1.16 ``DPOTrainer._prepare_dataset`` does.
+
+    Plain-text rows get the EOS token appended to ``chosen`` / ``rejected`` (if missing); the completion starts at
+    the common prefix of the tokenised prompt and prompt+completion (conversations: the prompt with the generation
+    prompt).
+
+    Returns:
+        ``{"prompt_ids", "chosen_ids", "rejected_ids"}`` (lists of ints).
+    """
+    tok = getattr(processing_class, "tokenizer", processing_class)
+    ex = dict(example)
+    conv = isinstance(ex["prompt"], list)
+    if not conv:
+        for k in ("chosen", "rejected"):
+            if not ex[k].endswith(tok.eos_token):
+                ex[k] = ex[k] + tok.eos_token
+    p = tokenize_text(processing_class, ex["prompt"], add_generation_prompt=True)
+    pc = tokenize_text(processing_class, ex["prompt"] + ex["chosen"])
+    pr = tokenize_text(processing_class, ex["prompt"] + ex["rejected"])
+    n = min(_common_prefix(p, pc), _common_prefix(p, pr))
+    return {"prompt_ids": p[:n], "chosen_ids": pc[n:], "rejected_ids": pr[n:]}

@@ -24,16 +24,16 @@ from genalign.pipelines.language import (  # noqa: E402
     lora_config,
     reference_mode,
 )
-from genalign.training.trl_trainers import (  # noqa: E402
-    ObjectiveArgs,
+from genalign.config import ConfigError, load_config  # noqa: E402
+from genalign.objectives.rpo import DPO, FDPO, RPO  # noqa: E402
+from genalign.objectives.rrpo import RRPO  # noqa: E402
+from genalign.objectives.treg import TREG, compute_token_rewards  # noqa: E402
+from genalign.pipelines.language import tokenize_like_trl  # noqa: E402
+from genalign.training.lm import (  # noqa: E402
     PreferenceTrainer,
-    RRPOTrainer,
     TokenFieldCollator,
-    TRegTrainer,
-    compute_token_rewards,
     make_arithmetic_preference_rows,
-    run_lm_training,
-    tokenize_like_trl,
+    train_lm,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -51,11 +51,11 @@ def _args(tmp_path, steps=3, lr=1e-2, **kw):
 
 
 CASES = [
-    ("dpo", PreferenceTrainer, {}),
-    ("rpo", PreferenceTrainer, {"rpo_alpha": 0.5, "sft_reduction": "mean"}),
-    ("fdpo", PreferenceTrainer, {"f_divergence": "js_divergence"}),
-    ("treg", TRegTrainer, {"alpha": 0.5}),
-    ("rrpo", RRPOTrainer, {"fused_space_tags": False}),
+    ("dpo", DPO, {}),
+    ("rpo", RPO, {"rpo_alpha": 0.5, "sft_reduction": "mean"}),
+    ("fdpo", FDPO, {"f_divergence": "js_divergence"}),
+    ("treg", TREG, {"alpha": 0.5}),
+    ("rrpo", RRPO, {"fused_space_tags": False}),
 ]
 
 
@@ -66,9 +66,9 @@ def test_three_steps_loss_decreases(tmp_path, tok, loss_type, cls, extra):
     ds = Dataset.from_list(rows)
     if loss_type == "treg":
         ds = compute_token_rewards(model, tok, ds, better_template="good: {prompt}", worse_template="bad: {prompt}")
-    obj = ObjectiveArgs(loss_type=loss_type, beta=0.5, **extra)
-    tr = cls(model, args=_args(tmp_path), objective=obj, train_dataset=ds, processing_class=tok,
-             peft_config=lora_config(r=8, alpha=16))
+    obj = cls.from_params(beta=0.5, **extra)
+    tr = PreferenceTrainer(model, args=_args(tmp_path), objective=obj, train_dataset=ds, processing_class=tok,
+                           peft_config=lora_config(r=8, alpha=16))
     tr.train()
     losses = [h["loss"] for h in tr.state.log_history if "loss" in h]
     assert len(losses) == 3
@@ -84,13 +84,17 @@ def test_three_steps_loss_decreases(tmp_path, tok, loss_type, cls, extra):
 
 
 def test_loss_type_validation(tmp_path, tok):
+    with pytest.raises(ValueError):  # ConfigError is a ValueError
+        load_config(os.path.join(ROOT, "configs", "rrpo_tiny.yaml"), ["objective.name=ipo"])
     with pytest.raises(ValueError):
-        ObjectiveArgs(loss_type="ipo")
-    with pytest.raises(ValueError, match="supports loss_type"):
-        RRPOTrainer(build_tiny_llama(tok), args=_args(tmp_path), loss_type="dpo",
-                    train_dataset=Dataset.from_list(make_arithmetic_preference_rows(2)), processing_class=tok)
-    assert ObjectiveArgs.from_dict({"name": "treg"}).alpha == 0.25
-    assert ObjectiveArgs.from_dict({"name": "rrpo"}).alpha == 0.01
+        RRPO.from_params(beta=-1.0)
+    from genalign.objectives.dpo import DiffusionDPO
+
+    with pytest.raises(TypeError, match="language-model objective"):
+        PreferenceTrainer(build_tiny_llama(tok), args=_args(tmp_path), objective=DiffusionDPO.Config(),
+                          train_dataset=Dataset.from_list(make_arithmetic_preference_rows(2)), processing_class=tok)
+    assert TREG.Config().alpha == 0.25
+    assert RRPO.Config().alpha == 0.01
 
 
 def test_token_field_collation_alignment(tok):
@@ -123,7 +127,8 @@ def test_treg_trainer_rejects_misaligned_rewards(tmp_path, tok):
     cr[1] = cr[1][:-1]
     ds = ds.remove_columns(["chosen_token_rewards", "chosen_token_reward_ids"]).add_column("chosen_token_rewards", cr)
     with pytest.raises(ValueError, match="row 1"):
-        TRegTrainer(build_tiny_llama(tok), args=_args(tmp_path), train_dataset=ds, processing_class=tok)
+        PreferenceTrainer(build_tiny_llama(tok), args=_args(tmp_path), objective=TREG(), train_dataset=ds,
+                          processing_class=tok)
 
 
 def test_compute_token_rewards_matches_manual(tok):
@@ -147,11 +152,12 @@ def test_compute_token_rewards_matches_manual(tok):
 
 def test_rrpo_hidden_path_logps_match_trl_fused_head(tmp_path, tok):
     from genalign.objectives.rrpo import token_logps_chunked
-    from genalign.training.trl_trainers import _lm_head
+    from genalign.pipelines.lm_head import lm_head_params as _lm_head
 
     rows = make_arithmetic_preference_rows(4, seed=0)
-    tr = RRPOTrainer(build_tiny_llama(tok), args=_args(tmp_path), objective=ObjectiveArgs(loss_type="rrpo"),
-                     train_dataset=Dataset.from_list(rows), processing_class=tok, peft_config=lora_config(r=4, alpha=8))
+    tr = PreferenceTrainer(build_tiny_llama(tok), args=_args(tmp_path), objective=RRPO(),
+                           train_dataset=Dataset.from_list(rows), processing_class=tok,
+                           peft_config=lora_config(r=4, alpha=8))
     batch = next(iter(tr.get_train_dataloader()))
     kw = {k: batch[k] for k in ("input_ids", "attention_mask")}
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
@@ -215,8 +221,8 @@ def _frame_folder(path, n, seed, size=56):
 def test_frame_sampling_and_loading(tmp_path):
     from genalign.data.video import VideoReadError, load_video_frames, sample_frame_indices
 
-    assert sample_frame_indices(10, 4) == [0, 3, 6, 9]
-    assert sample_frame_indices(3, 5) == [0, 0, 1, 1, 2]
+    assert sample_frame_indices(10, 4, "linspace") == [0, 3, 6, 9]
+    assert sample_frame_indices(3, 5, "linspace") == [0, 0, 1, 1, 2]
     d = _frame_folder(tmp_path / "v", 7, 0)
     f = load_video_frames(d, 4)
     assert f.shape == (4, 56, 56, 3) and f.dtype == np.uint8
@@ -259,9 +265,9 @@ def test_video_collator_and_rrpo_on_tiny_qwen2_vl(tmp_path):
     # both halves of a pair see identical video inputs
     assert torch.equal(batch["video_grid_thw"][:B], batch["video_grid_thw"][B:])
 
-    tr = RRPOTrainer(model, args=_args(tmp_path, steps=2), objective=ObjectiveArgs(loss_type="rrpo"),
-                     data_collator=coll, train_dataset=Dataset.from_list(kept), processing_class=proc,
-                     peft_config=lora_config(r=4, alpha=8, kind="video"))
+    tr = PreferenceTrainer(model, args=_args(tmp_path, steps=2), objective=RRPO(),
+                           data_collator=coll, train_dataset=Dataset.from_list(kept), processing_class=proc,
+                           peft_config=lora_config(r=4, alpha=8, kind="video"))
     assert not any("visual" in n for n, p in tr.model.named_parameters() if p.requires_grad)
     tr.train()
     losses = [h["loss"] for h in tr.state.log_history if "loss" in h]
@@ -271,14 +277,11 @@ def test_video_collator_and_rrpo_on_tiny_qwen2_vl(tmp_path):
 # ------------------------------------------------------------------------------------------------ configs
 @pytest.mark.parametrize("name", ["rrpo_tiny", "treg_tiny"])
 def test_run_lm_training_from_tiny_config(tmp_path, name):
-    with open(os.path.join(ROOT, "configs", f"{name}.yaml")) as f:
-        cfg = yaml.safe_load(f)
-    cfg["train"]["max_steps"] = 3
-    cfg["data"]["synthetic"]["n_train"] = 8
-    cfg["data"]["synthetic"]["n_eval"] = 4
-    summary = run_lm_training(cfg, str(tmp_path))
+    cfg = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"),
+                      ["train.steps=3", "data.synthetic.n_train=8", "data.synthetic.n_eval=4"])
+    summary = train_lm(cfg, str(tmp_path))
     assert summary["global_step"] == 3
-    assert summary["objective"] == cfg["objective"]["name"]
+    assert summary["objective"] == cfg.objective.name == name.split("_")[0]
     assert math.isfinite(summary["last_loss"]) and "eval" in summary
     import json
 
@@ -286,26 +289,24 @@ def test_run_lm_training_from_tiny_config(tmp_path, name):
 
 
 def test_rrpo_full_finetune_with_frozen_copy_reference(tmp_path):
-    with open(os.path.join(ROOT, "configs", "rrpo_tiny.yaml")) as f:
-        cfg = yaml.safe_load(f)
-    cfg["model"]["lora"] = None  # full fine-tune: the reference is a frozen deep copy
-    cfg["train"]["max_steps"] = 2
-    cfg["data"]["synthetic"].update(n_train=8, n_eval=0)
-    summary = run_lm_training(cfg, str(tmp_path))
+    # full fine-tune: the reference is a frozen deep copy
+    cfg = load_config(os.path.join(ROOT, "configs", "rrpo_tiny.yaml"),
+                      ["pipeline.lora=null", "pipeline.reference=frozen_copy", "train.steps=2",
+                       "data.synthetic.n_train=8", "data.synthetic.n_eval=0"])
+    summary = train_lm(cfg, str(tmp_path))
     hist = [h for h in summary["log_history"] if "loss" in h]
     assert hist[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and hist[0]["kl"] == pytest.approx(0, abs=1e-6)
     assert hist[1]["kl"] > 0
 
 
-def test_full_configs_parse():
+def test_full_configs_parse(tmp_path):
+    from genalign.training.lm.runner import dpo_args
+
     for name in ("rrpo_llava_video", "treg_llama3"):
-        with open(os.path.join(ROOT, "configs", f"{name}.yaml")) as f:
-            cfg = yaml.safe_load(f)
-        obj = ObjectiveArgs.from_dict(cfg["objective"])
-        assert obj.beta > 0
-        assert set(cfg["train"]) - {"save_model"} <= set(DPOConfig.__dataclass_fields__)
-    with open(os.path.join(ROOT, "configs", "rrpo_llava_video.yaml")) as f:
-        cfg = yaml.safe_load(f)
-    assert (cfg["objective"]["alpha"], cfg["objective"]["beta"]) == (0.01, 0.1)
-    assert cfg["train"]["learning_rate"] == 5e-6 and cfg["data"]["num_frames"] == 16
-    assert (cfg["model"]["lora"]["r"], cfg["model"]["lora"]["alpha"]) == (128, 256)
+        cfg = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"))
+        assert cfg.objective_params().beta > 0
+        assert isinstance(dpo_args(cfg, tmp_path), DPOConfig)  # every train key maps onto a DPOConfig field
+    cfg = load_config(os.path.join(ROOT, "configs", "rrpo_llava_video.yaml"))
+    assert (cfg.objective_params().alpha, cfg.objective_params().beta) == (0.01, 0.1)
+    assert cfg.train.learning_rate == 5e-6 and cfg.data.num_frames == 16
+    assert (cfg.pipeline.lora.rank, cfg.pipeline.lora.alpha) == (128, 256)
