@@ -27,7 +27,7 @@ from typing import Any, Iterator
 
 import torch
 
-from genalign.rewards.base import WeightsNotFoundError
+from genalign.errors import WeightsNotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +153,7 @@ class DiffusionAdapter:
     """
 
     family = "base"
+    lora_folded = False  # set by fold_lora: the base weights carry folded LoRA deltas
 
     def __init__(self, pipe, lora=None, reference: str = "adapter_off", device: str | torch.device = "cpu",
                  weight_dtype: torch.dtype = torch.float32, gradient_checkpointing: bool = False,
@@ -326,6 +327,17 @@ class DiffusionAdapter:
         """Save the trained UNet (full fine-tune) in Diffusers format."""
         self.denoiser().save_pretrained(out_dir)
 
+    def fold_lora(self, lora_state: dict[str, torch.Tensor] | None = None, reset: bool = True) -> int:
+        """Fold the LoRA into the base weights in fp32 (:func:`genalign.pipelines.lora.merge_lora_into_base`) and
+        record it: from then on :meth:`write_export` writes the merged network (no "base + one LoRA" form exists).
+        Self-play round switches (DDO) use it. Returns the number of LoRA layers folded."""
+        from genalign.pipelines.lora import merge_lora_into_base
+
+        init = getattr(self.lora, "init", "gaussian")
+        count = merge_lora_into_base(self.denoiser(), lora_state, reset, init if init == "gaussian" else True)
+        self.lora_folded = self.lora_folded or count > 0
+        return count
+
     def write_export(self, out_dir: str | Path, cfg) -> None:
         """Write a complete Diffusers pipeline folder for the trained model into the (empty, temporary) ``out_dir``.
 
@@ -341,6 +353,11 @@ class DiffusionAdapter:
 
         out_dir = Path(out_dir)
         unet = self.denoiser()
+        if self.lora_folded:  # LoRA folded into the base (fold_lora): the merged network, in fp32
+            from genalign.pipelines.lora import write_merged_export
+
+            write_merged_export(self.pipe, unet, "unet", out_dir)
+            return
         if cfg.pipeline.lora is None:
             self.pipe.unet = unet
             self.pipe.save_pretrained(str(out_dir))

@@ -25,12 +25,10 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
+from genalign.errors import WeightsNotFoundError  # noqa: F401  (raised here; public via genalign.rewards)
+
 Modality = Literal["image", "audio", "text", "video"]
 Kind = Literal["instance", "group", "set"]
-
-
-class WeightsNotFoundError(FileNotFoundError):
-    """A reward's or pipeline's checkpoint is not available locally and cannot be downloaded."""
 
 
 @dataclass(frozen=True)

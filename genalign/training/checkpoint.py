@@ -9,6 +9,7 @@ renamed when complete, so a killed run never leaves a checkpoint that ``--resume
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -76,14 +77,75 @@ def load_trainable(module: torch.nn.Module, path: str | Path) -> None:
             params[n].copy_(v.to(params[n].dtype))
 
 
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file below ``folder`` and the folders themselves to disk (a power cut after the marker must
+    not leave a COMPLETE checkpoint with truncated files)."""
+    for path in sorted(folder.rglob("*"), reverse=True):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    for d in [*sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True), folder]:
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def finalize_checkpoint(tmp_dir: Path, final_dir: Path, trainer_state: dict, config_yaml: str) -> None:
-    """Write state + config + marker into ``tmp_dir`` and rename it to ``final_dir`` (main process only)."""
+    """Write state + config, flush everything to disk, then the marker, and rename ``tmp_dir`` to ``final_dir``
+    (main process only)."""
     (tmp_dir / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
     (tmp_dir / "config.yaml").write_text(config_yaml)
+    _fsync_tree(tmp_dir)
     (tmp_dir / MARKER).write_text("ok\n")
+    _fsync_tree(tmp_dir)
     if final_dir.exists():
         shutil.rmtree(final_dir)
     tmp_dir.rename(final_dir)
+    fd = os.open(final_dir.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` cannot be resumed (a truncated or unreadable file, named), or None if
+    every file it needs reads: ``trainer_state.json`` parses and each ``*.safetensors`` header and data size agree."""
+    from safetensors import safe_open
+
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError) as err:
+        return f"{path / 'trainer_state.json'}: {err}"
+    for f in sorted(path.rglob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass  # parses the header; a truncated data section is caught by the size check below
+            with open(f, "rb") as fh:
+                header_len = int.from_bytes(fh.read(8), "little")
+                meta = json.loads(fh.read(header_len))
+            end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
+            if f.stat().st_size < 8 + header_len + end:
+                return f"{f}: truncated ({f.stat().st_size} bytes, header says {8 + header_len + end})"
+        except Exception as err:  # noqa: BLE001 — any unreadable file makes the checkpoint unusable
+            return f"{f}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+    return None
+
+
+def resume_candidates(run_dir: str | Path, resume: str | None) -> list[Path]:
+    """Checkpoints to try for ``resume``, newest first: all complete ones for ``"latest"`` (a corrupt newest
+    one falls back to the previous), the one named for an explicit path, none for None.
+
+    Raises:
+        FileNotFoundError: an explicit path that is not a complete checkpoint.
+    """
+    if resume is None:
+        return []
+    if resume == "latest":
+        return list(reversed(list_checkpoints(run_dir)))
+    return [resolve_resume(run_dir, resume)]
 
 
 def prune_checkpoints(run_dir: str | Path, limit: int | None) -> None:

@@ -1,10 +1,14 @@
-"""The one Accelerate loop every objective runs in.
+"""The one Accelerate loop every diffusion objective runs in.
 
-config → pipeline adapter → data (cached latents / text embeddings) → objective.loss → Accelerate backward,
-clipping, AdamW, LR schedule, EMA → checkpoints (atomic, every rank) → validation with rewards → export.
+config → pipeline adapter → data (cached latents / text embeddings) → objective phases → Accelerate backward,
+clipping, optimizer, LR schedule, EMA → checkpoints (atomic, every rank) → validation with rewards → export.
 
 Determinism and exact resume: batch indices and the noise/timestep generator of micro-step m are pure functions of
 (config seed, m, rank), so a resumed run sees exactly the batches and noise an uninterrupted run would have.
+
+:class:`DiffusionTrainer` reads top to bottom in the order a run happens: set-up, base evaluation, data,
+optimization, resume, the loop (one :meth:`~DiffusionTrainer.train_step` per optimizer step), final evaluation,
+summary and export. The objective is reached only through the hooks its base class declares.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -22,17 +27,21 @@ import torch
 from genalign.config import RunConfig, save_config
 from genalign.data.batches import micro_batch_indices, row_offset
 from genalign.data.prompts import load_prompts
+from genalign.evaluation.validation import evaluate_rewards
 from genalign.objectives.base import TrainContext
 from genalign.training import checkpoint as ckpt
+from genalign.training import run_folder
+from genalign.training.optim import make_lr_scheduler, make_optimizer
+from genalign.training.progress import RunLog
 
 logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A NaN/inf loss with ``train.on_nan: halt``; the message names the step and batch ids."""
+    """A NaN/inf loss with ``train.on_nan: halt`` (the message names the step and batch ids), or parameters the
+    optimizer made non-finite (always a halt: the message names the optimizer settings, not data rows)."""
 
 
-# -- rewards / validation ------------------------------------------------------------------------------------
 def build_rewards(items, device):
     """The config's reward list as a :class:`~genalign.rewards.composite.CompositeReward` (weights and
     normalisation per member; every member also scored on its own)."""
@@ -41,303 +50,426 @@ def build_rewards(items, device):
     return CompositeReward.from_specs([it.model_dump() for it in items], device=device).eval()
 
 
-@torch.no_grad()
-def evaluate_rewards(objective, rewards, prompts: list[str], vcfg, accelerator=None) -> dict[str, float]:
-    """Mean reward per name over ``samples_per_prompt`` samples of each held-out prompt.
+def resolve_num_threads(requested: int | None) -> int:
+    """Torch CPU threads: ``train.num_threads``, else ``OMP_NUM_THREADS``, else the cores this process may use.
 
-    Sample i always uses seed ``vcfg.seed + i`` (independent of batch size and number of ranks), so before/after
-    figures compare the same noise. Work is sharded over ranks and gathered (every rank takes part).
+    On a shared machine torch's default (every physical core) oversubscribes when another process runs, and a
+    step can swing from 0.1 s to 5 s; the affinity mask is what the scheduler actually grants this process.
     """
-    expanded = [p for p in prompts for _ in range(vcfg.samples_per_prompt)]
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    mine = list(range(rank, len(expanded), world))
-    names = list(rewards.names)
-    sums = torch.zeros(len(names) + 1, dtype=torch.float64)
-    for i in range(0, len(mine), vcfg.batch_size):
-        idx = mine[i:i + vcfg.batch_size]
-        gens = [torch.Generator().manual_seed(vcfg.seed + j) for j in idx]
-        imgs = objective.sample([expanded[j] for j in idx], vcfg, gens)
-        comps = rewards.components(imgs.to(objective.model.device), [expanded[j] for j in idx])
-        for k, name in enumerate(names):
-            sums[k] += comps[name].detach().double().sum().item()
-        sums[-1] += len(idx)
-    if accelerator is not None and world > 1:
-        sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
-    return {name: float(sums[k] / sums[-1]) for k, name in enumerate(names)}
+    if requested:
+        return int(requested)
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-# -- the loop ------------------------------------------------------------------------------------------------
 class _StopFlag:
     """Set by SIGTERM/SIGINT: the loop saves a checkpoint at the next step boundary and exits cleanly."""
 
     def __init__(self):
-        self.stop = False
+        self.signum: int | None = None
 
     def __call__(self, signum, frame):
         logger.warning("signal %s received: checkpointing at the next step boundary", signum)
-        self.stop = True
+        self.signum = signum
 
 
-def _make_optimizer(params, tcfg, learning_rate: float | None = None):
-    if tcfg.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ImportError("train.use_8bit_adam: needs bitsandbytes (pip install genalign[gpu])") from None
-        cls = bnb.optim.AdamW8bit
-    else:
-        cls = torch.optim.AdamW
-    return cls(params, lr=learning_rate or tcfg.learning_rate, betas=(tcfg.adam_beta1, tcfg.adam_beta2),
-               weight_decay=tcfg.weight_decay, eps=tcfg.adam_epsilon)
-
-
-def _lr_lambda(tcfg):
-    def f(step: int) -> float:
-        warm = min(1.0, (step + 1) / tcfg.warmup_steps) if tcfg.warmup_steps else 1.0
-        if tcfg.lr_scheduler == "cosine":
-            prog = min(1.0, max(0, step - tcfg.warmup_steps) / max(1, tcfg.steps - tcfg.warmup_steps))
-            return warm * 0.5 * (1 + math.cos(math.pi * prog))
-        return warm if tcfg.lr_scheduler == "warmup" else 1.0
-    return f
-
-
-def train(cfg: RunConfig, run_dir: str | Path, resume: str | None = None, progress: bool = True) -> dict:
-    """Run a whole training job and return the summary (also written to ``RUN_DIR/summary.json``).
+class DiffusionTrainer:
+    """One training run of a diffusion objective (see the module docstring); :meth:`run` returns the summary.
 
     Args:
         cfg: a validated run config (:func:`genalign.config.load_config`).
-        run_dir: output folder (created). Holds config.yaml, checkpoints/, export/, logs/, summary.json.
+        run_dir: output folder (created). Holds config.yaml, checkpoints/, export/, logs/, samples/, summary.json.
         resume: None, "latest" or a checkpoint path.
-
-    Raises:
-        NonFiniteLossError: a NaN/inf loss with ``train.on_nan: halt``.
-        genalign.rewards.WeightsNotFoundError: a model or reward checkpoint is unavailable.
+        progress: show progress bars / lines and the final table.
+        overwrite: start over in a folder holding a previous run (removes only genalign's run files).
     """
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
-    from rich.console import Console
-    from tqdm.auto import tqdm
 
-    from genalign.registry import objectives, pipelines
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: str | None = None, progress: bool = True,
+                 overwrite: bool = False):
+        self.cfg, self.tcfg = cfg, cfg.train
+        self.run_dir = Path(run_dir)
+        self.resume_from = resume
+        self.progress = progress
+        self.overwrite = overwrite
+        self.resume_dir: Path | None = None
+        self.step = 0
+        self.history: list[dict] = []
+        self.last_metrics: dict[str, float] = {}
+        self.skipped_steps = 0
 
-    t_start = time.time()
-    run_dir = Path(run_dir)
-    tcfg = cfg.train
-    trackers = [t for t in tcfg.trackers if _tracker_available(t)]
-    mp = tcfg.mixed_precision
-    if mp == "auto":
-        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    # cpu=True lets Accelerate run multi-process on CPU (gloo) under torchrun / accelerate launch.
-    acc = Accelerator(gradient_accumulation_steps=tcfg.gradient_accumulation_steps, mixed_precision=mp,
-                      cpu=not torch.cuda.is_available(),
-                      log_with=trackers or None,
-                      project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")))
-    set_seed(cfg.seed)
-    console = Console()
-    if acc.is_main_process:
-        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        logging.basicConfig(level=logging.INFO, handlers=[logging.FileHandler(run_dir / "logs" / "train.log")], force=True)
-    acc.wait_for_everyone()
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp, torch.float32)
+    # -- set-up ---------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Accelerator, threads, run folder and logs, adapter, objective, rewards, held-out prompts."""
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration, set_seed
 
-    model = pipelines.get(cfg.pipeline.name).from_config(cfg.pipeline, device=acc.device, weight_dtype=weight_dtype)
-    objective = objectives.get(cfg.objective.name)(cfg.objective_params(), model)
-    rewards = build_rewards(cfg.rewards, acc.device)
-    val_prompts = load_prompts(cfg.validation.prompts, cfg.validation.max_prompts)
+        from genalign.registry import objectives, pipelines
 
-    # Reward of the base model on held-out prompts (cached in the run folder so a resume does not redo it).
-    before_file = run_dir / "reward_before.json"
-    if before_file.exists():
-        reward_before = json.loads(before_file.read_text())
-    else:
-        reward_before = evaluate_rewards(objective, rewards, val_prompts, cfg.validation, acc)
+        from datetime import timedelta
+
+        from accelerate.utils import InitProcessGroupKwargs
+
+        cfg, tcfg = self.cfg, self.tcfg
+        main = int(os.environ.get("RANK", "0")) == 0
+        # Before anything is written or loaded: the folder, its lock, and the checkpoint to resume (validated).
+        run_folder.prepare_run_folder(self.run_dir, self.resume_from, self.overwrite, main_process=main)
+        self.lock = run_folder.lock_run_folder(self.run_dir) if main else None
+        self.resume_dir = self.pick_checkpoint()
+        torch.set_num_threads(resolve_num_threads(tcfg.num_threads))
+        self.trackers = [t for t in tcfg.trackers if _tracker_available(t)]
+        mp = tcfg.mixed_precision
+        if mp == "auto":
+            mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        # cpu=True lets Accelerate run multi-process on CPU (gloo) under torchrun / accelerate launch.
+        self.acc = acc = Accelerator(
+            gradient_accumulation_steps=tcfg.gradient_accumulation_steps, mixed_precision=mp,
+            cpu=not torch.cuda.is_available(), log_with=self.trackers or None,
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=tcfg.ddp_timeout_s))],
+            project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")))
+        check_distributed_type(acc)
+        set_seed(cfg.seed)
+        self.log = RunLog(self.run_dir, enabled=self.progress and acc.is_main_process)
         if acc.is_main_process:
-            _atomic_write(before_file, json.dumps(reward_before, indent=2))
+            (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            self.log.setup_file_logging(self.run_dir / "logs" / "train.log")
+        acc.wait_for_everyone()
+        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp, torch.float32)
+        with self.log.phase("load model"):
+            self.model = pipelines.get(cfg.pipeline.name).from_config(cfg.pipeline, device=acc.device,
+                                                                      weight_dtype=weight_dtype)
+            self.objective = objectives.get(cfg.objective.name)(cfg.objective_params(), self.model)
+            self.rewards = build_rewards(cfg.rewards, acc.device)
+        self.val_prompts = load_prompts(cfg.validation.prompts, cfg.validation.max_prompts)
 
-    data = objective.build_data(TrainContext(cfg, model, rewards, run_dir, acc))
+    def evaluate(self, name: str, save_as: str | None = None) -> dict[str, float]:
+        """Held-out mean rewards (:func:`~genalign.evaluation.validation.evaluate_rewards`) with progress;
+        ``save_as`` keeps the samples under ``samples/<save_as>/`` for the report."""
+        v = self.cfg.validation
+        total = -(-len(self.val_prompts) * v.samples_per_prompt // self.acc.num_processes)
+        save_dir = self.run_dir / "samples" / save_as if save_as else None
+        with self.log.phase(name, total=total, unit="sample") as ph:
+            return evaluate_rewards(self.objective, self.rewards, self.val_prompts, v, self.acc, save_dir, ph.update)
 
-    # One optimizer + LR schedule per phase (DI*: fake score, generator); one for most objectives.
-    phases = objective.phases()
-    raw_modules = objective.trainable_modules()
-    optimizers = [_make_optimizer(ph.params, tcfg, ph.learning_rate) for ph in phases]
-    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, _lr_lambda(tcfg)) for o in optimizers]
-    all_params = [p for ph in phases for p in ph.params]
-    ema = None
-    if tcfg.ema_decay:
-        from diffusers.training_utils import EMAModel
+    def base_reward(self) -> dict[str, float]:
+        """Reward of the base model on held-out prompts, cached in the run folder under a fingerprint of what
+        produced it (model, rewards, validation, seed), so a resume does not redo it and no other run reuses it."""
+        cfg = self.cfg
+        key = run_folder.fingerprint(cfg.pipeline.model_dump(mode="json"), [r.model_dump(mode="json") for r in cfg.rewards],
+                                     cfg.validation.model_dump(mode="json"), cfg.seed)
+        before_file = self.run_dir / "reward_before.json"
+        if before_file.exists():
+            cached = json.loads(before_file.read_text())
+            if cached.get("fingerprint") == key:
+                return cached["reward"]
+        reward = self.evaluate("evaluate base", save_as="heldout-base")
+        if self.acc.is_main_process:
+            _atomic_write(before_file, json.dumps({"fingerprint": key, "reward": reward}, indent=2))
+        return reward
 
-        ema = EMAModel(all_params, decay=tcfg.ema_decay)
-    prepared = acc.prepare(*raw_modules, *optimizers)
-    prepared = list(prepared) if isinstance(prepared, (list, tuple)) else [prepared]
-    wrapped, optimizers = prepared[:len(raw_modules)], prepared[len(raw_modules):]
-    objective.use_prepared(wrapped)  # forward through DDP wrappers; reference passes use the raw modules
-    state = {"step": 0}
-    # LR schedules, EMA and objective state go into one tensors-only file read with weights_only=True (Accelerate
-    # would pickle registered objects and read them back with weights_only=False).
+    def build_optimization(self) -> None:
+        """One optimizer + LR schedule per phase (DI*: fake score, generator), EMA, Accelerate ``prepare``."""
+        tcfg = self.tcfg
+        self.phases = self.objective.phases()
+        self.raw_modules = self.objective.trainable_modules()
+        optimizers = [make_optimizer(ph.params, tcfg, ph.learning_rate) for ph in self.phases]
+        self.schedulers = [make_lr_scheduler(o, tcfg) for o in optimizers]
+        self.all_params = [p for ph in self.phases for p in ph.params]
+        self.ema = None
+        if tcfg.ema_decay:
+            from diffusers.training_utils import EMAModel
 
-    def extra_state() -> dict:
-        return {"objective": objective.state_dict(), "schedulers": [sch.state_dict() for sch in schedulers],
-                "ema": ema.state_dict() if ema is not None else None}
+            self.ema = EMAModel(self.all_params, decay=tcfg.ema_decay)
+        prepared = self.acc.prepare(*self.raw_modules, *optimizers)
+        prepared = list(prepared) if isinstance(prepared, (list, tuple)) else [prepared]
+        n = len(self.raw_modules)
+        self.wrapped, self.optimizers = prepared[:n], prepared[n:]
+        self.objective.use_prepared(self.wrapped)  # forward through DDP wrappers; reference passes use raw modules
+        self.acc.register_save_state_pre_hook(self._save_hook)
+        self.acc.register_load_state_pre_hook(self._load_hook)
 
-    def save_hook(models, weights, output_dir):
-        if acc.is_main_process:
-            for i, m in enumerate(raw_modules):
+    # -- checkpoints ----------------------------------------------------------------------------------------
+    def _save_hook(self, models, weights, output_dir) -> None:
+        if self.acc.is_main_process:
+            for i, m in enumerate(self.raw_modules):
                 ckpt.save_trainable(m, Path(output_dir) / ckpt.trainable_file(i))
         weights.clear()  # the frozen base is not duplicated into every checkpoint
 
-    def load_hook(models, input_dir):
-        for i, m in enumerate(raw_modules):
+    def _load_hook(self, models, input_dir) -> None:
+        for i, m in enumerate(self.raw_modules):
             ckpt.load_trainable(m, Path(input_dir) / ckpt.trainable_file(i))
         models.clear()
 
-    acc.register_save_state_pre_hook(save_hook)
-    acc.register_load_state_pre_hook(load_hook)
-    config_yaml = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").exists() else ""
+    def _extra_state(self) -> dict:
+        # LR schedules, EMA and objective state go into one tensors-only file read with weights_only=True
+        # (Accelerate would pickle registered objects and read them back with weights_only=False).
+        return {"objective": self.objective.state_dict(), "schedulers": [s.state_dict() for s in self.schedulers],
+                "ema": self.ema.state_dict() if self.ema is not None else None}
 
-    def save_checkpoint(step: int) -> None:
-        tmp = run_dir / "checkpoints" / f".tmp-{ckpt.checkpoint_name(step)}"
+    def save_checkpoint(self, step: int) -> None:
+        """``save_state`` on every rank into a temporary folder, then marker + rename (main process)."""
+        acc = self.acc
+        tmp = self.run_dir / "checkpoints" / f".tmp-{ckpt.checkpoint_name(step)}"
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))  # every rank takes part
+        acc.save_state(str(tmp))
         acc.wait_for_everyone()
         if acc.is_main_process:
-            torch.save(extra_state(), tmp / "training_state.pt")
-            ts = {"step": step, "seed": cfg.seed, "objective": cfg.objective.name}
-            ckpt.finalize_checkpoint(tmp, run_dir / "checkpoints" / ckpt.checkpoint_name(step), ts, config_yaml)
-            ckpt.prune_checkpoints(run_dir, tcfg.checkpoints_total_limit)
+            torch.save(self._extra_state(), tmp / "training_state.pt")
+            ts = {"step": step, "seed": self.cfg.seed, "objective": self.cfg.objective.name}
+            ckpt.finalize_checkpoint(tmp, self.run_dir / "checkpoints" / ckpt.checkpoint_name(step), ts,
+                                     (self.run_dir / "config.yaml").read_text())
+            ckpt.prune_checkpoints(self.run_dir, self.tcfg.checkpoints_total_limit)
         acc.wait_for_everyone()
 
-    resume_dir = ckpt.resolve_resume(run_dir, resume)
-    if resume_dir is not None:
-        acc.load_state(str(resume_dir))
-        ts = json.loads((resume_dir / "trainer_state.json").read_text())
-        state["step"] = ts["step"]
+    def pick_checkpoint(self) -> Path | None:
+        """The checkpoint ``resume`` names, verified before any long phase: a corrupt newest checkpoint is named and
+        the previous one used (``latest``); its config must match this run's (:func:`run_folder.check_resume_config`).
+
+        Raises:
+            FileNotFoundError: an explicit path that is not a complete, readable checkpoint (the file is named).
+            RunFolderError: the config changes keys that may not change on resume.
+        """
+        for i, cand in enumerate(ckpt.resume_candidates(self.run_dir, self.resume_from)):
+            problem = ckpt.verify_checkpoint(cand)
+            if problem is None:
+                if i:
+                    logger.warning("resuming from the previous checkpoint %s instead", cand)
+                run_folder.check_resume_config(cand, self.cfg.model_dump(mode="json"))
+                return cand
+            if self.resume_from != "latest":
+                raise FileNotFoundError(f"--resume {self.resume_from}: checkpoint unreadable: {problem}")
+            logger.warning("checkpoint %s is corrupt (%s)", cand, problem)
+            print(f"warning: checkpoint {cand.name} is corrupt ({problem}); trying the previous one")
+        return None
+
+    def maybe_resume(self) -> None:
+        """Load the picked checkpoint (trainable weights, optimizer, RNG, schedules, EMA, objective state)."""
+        resume_dir = self.resume_dir
+        if resume_dir is None:
+            return
+        self.acc.load_state(str(resume_dir))
+        self.step = json.loads((resume_dir / "trainer_state.json").read_text())["step"]
         extra = torch.load(resume_dir / "training_state.pt", weights_only=True)
-        objective.load_state_dict(extra["objective"])
-        for sch, st in zip(schedulers, extra["schedulers"]):
+        self.objective.load_state_dict(extra["objective"])
+        for sch, st in zip(self.schedulers, extra["schedulers"]):
             sch.load_state_dict(st)
-        if ema is not None and extra["ema"] is not None:
-            ema.load_state_dict(extra["ema"])
-        if acc.is_main_process:
-            console.print(f"resumed from {resume_dir} at step {state['step']}")
+        if self.ema is not None and extra["ema"] is not None:
+            self.ema.load_state_dict(extra["ema"])
+        logger.info("resumed from %s at step %d", resume_dir, self.step)
 
-    if trackers:
-        acc.init_trackers("genalign", config=_flat(cfg.model_dump(mode="json")))
-    stop = _StopFlag()
-    old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)} if _main_thread() else {}
-    accum = tcfg.gradient_accumulation_steps
-    pbar = tqdm(total=tcfg.steps, initial=state["step"], disable=not (progress and acc.is_main_process),
-                desc=f"{cfg.objective.name}", dynamic_ncols=True)
-    last_metrics: dict[str, float] = {}
-    history: list[dict] = []
-    skipped_steps = 0
-    try:
-        while state["step"] < tcfg.steps:
-            step = state["step"]
-            metrics_acc: dict[str, float] = {}
-            skip = False
-            for k_phase, (phase, optimizer) in enumerate(zip(phases, optimizers)):
-                prefix = "" if len(phases) == 1 else f"{phase.name}/"
-                for a in range(accum):
-                    micro = step * accum + a
-                    idx = micro_batch_indices(data.n, micro, tcfg.batch_size, acc.process_index, acc.num_processes,
-                                              cfg.seed)
-                    batch = data.batch(idx)
-                    offset = row_offset(micro, tcfg.batch_size, acc.process_index, acc.num_processes)
-                    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + offset * 1009 + k_phase * 101)
-                    with acc.accumulate(*wrapped), acc.autocast():
-                        out = phase.loss(batch, gen)
-                        # Every rank takes part in this reduce, so a NaN on one rank stops or skips all of them.
-                        bad = acc.reduce(torch.tensor(float(not torch.isfinite(out.loss).all()), device=acc.device), "sum")
-                        if bad.item() > 0:
+    # -- one optimizer step ---------------------------------------------------------------------------------
+    def train_step(self, step: int) -> tuple[dict[str, float], bool]:
+        """Every phase of optimizer step ``step`` over its accumulated micro-steps.
+
+        Returns:
+            ``(metrics averaged over micro-steps, skipped)``; ``skipped`` when a loss was non-finite under
+            ``on_nan: skip`` (the parameters are then unchanged).
+
+        Raises:
+            NonFiniteLossError: a non-finite loss under ``on_nan: halt`` (names step, phase, micro-step, row ids).
+        """
+        acc, tcfg, cfg = self.acc, self.tcfg, self.cfg
+        accum = tcfg.gradient_accumulation_steps
+        metrics: dict[str, float] = {}
+        skip = False
+        for k_phase, (phase, optimizer) in enumerate(zip(self.phases, self.optimizers)):
+            prefix = "" if len(self.phases) == 1 else f"{phase.name}/"
+            for a in range(accum):
+                micro = step * accum + a
+                idx = micro_batch_indices(self.data.n, micro, tcfg.batch_size, acc.process_index,
+                                          acc.num_processes, cfg.seed)
+                batch = self.data.batch(idx)
+                offset = row_offset(micro, tcfg.batch_size, acc.process_index, acc.num_processes)
+                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + offset * 1009 + k_phase * 101)
+                with acc.accumulate(*self.wrapped), acc.autocast():
+                    out = phase.loss(batch, gen)
+                    # Every rank takes part in this reduce, so a NaN on one rank stops or skips all of them.
+                    bad = acc.reduce(torch.tensor(float(not torch.isfinite(out.loss).all()), device=acc.device), "sum")
+                    if bad.item() > 0:
+                        if tcfg.on_nan == "halt":
+                            raise NonFiniteLossError(
+                                f"non-finite loss at step {step} (phase {phase.name}, micro-step {micro}, row ids "
+                                f"{batch.get('ids')}); set train.on_nan: skip to skip such steps")
+                        skip = True
+                        out.loss = out.loss.nan_to_num(0.0, 0.0, 0.0) * 0.0
+                    acc.backward(out.loss)
+                    if acc.sync_gradients and not skip:
+                        norm = acc.clip_grad_norm_(phase.params, tcfg.max_grad_norm or float("inf"))
+                        if norm is not None and not torch.isfinite(torch.as_tensor(norm)).all():
                             if tcfg.on_nan == "halt":
                                 raise NonFiniteLossError(
-                                    f"non-finite loss at step {step} (phase {phase.name}, micro-step {micro}, row ids "
-                                    f"{batch.get('ids')}); set train.on_nan: skip to skip such steps")
+                                    f"non-finite gradient norm at step {step} (phase {phase.name}) with a finite "
+                                    "loss; set train.on_nan: skip to skip such steps")
                             skip = True
-                            out.loss = out.loss.nan_to_num(0.0, 0.0, 0.0) * 0.0
-                        acc.backward(out.loss)
-                        if acc.sync_gradients and tcfg.max_grad_norm and not skip:
-                            acc.clip_grad_norm_(phase.params, tcfg.max_grad_norm)
-                        if acc.sync_gradients and skip:
-                            optimizer.zero_grad(set_to_none=True)
-                        optimizer.step()
+                    if acc.sync_gradients and skip:
                         optimizer.zero_grad(set_to_none=True)
-                    for k, v in out.metrics.items():
-                        metrics_acc[prefix + k] = metrics_acc.get(prefix + k, 0.0) + v / accum
-                    metrics_acc[prefix + "loss"] = metrics_acc.get(prefix + "loss", 0.0) + out.loss.item() / accum
-            if skip:
-                skipped_steps += 1
-                logger.warning("step %d skipped: non-finite loss", step)
-            for sch in schedulers:
-                sch.step()
-            if ema is not None:
-                ema.step(all_params)
-            state["step"] = step + 1
-            result = objective.on_step_end(state["step"])  # round boundaries (DDO self-play, DRAGON rounds)
-            if result is not None and result.reset_optimizer_state:
-                for opt in optimizers:
-                    getattr(opt, "optimizer", opt).state.clear()  # the Accelerate wrapper holds the torch optimizer
-            last_metrics = {k: _mean_over_ranks(acc, v) for k, v in sorted(metrics_acc.items())}
-            last_metrics["lr"] = schedulers[-1].get_last_lr()[0]
-            loss_key = "loss" if "loss" in last_metrics else f"{phases[-1].name}/loss"
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if acc.sync_gradients and not all(torch.isfinite(p).all() for p in phase.params):
+                    raise NonFiniteLossError(
+                        f"parameters became non-finite in the optimizer step of step {step} (phase {phase.name}) from "
+                        f"finite gradients: the optimizer settings are the cause (train.learning_rate="
+                        f"{tcfg.learning_rate}, optimizer {tcfg.optimizer}), not the data")
+                if skip:
+                    continue  # a skipped step's loss is not logged (it would read as 0.0)
+                for k, v in out.metrics.items():
+                    metrics[prefix + k] = metrics.get(prefix + k, 0.0) + v / accum
+                metrics[prefix + "loss"] = metrics.get(prefix + "loss", 0.0) + out.loss.item() / accum
+        return metrics, skip
+
+    def after_step(self, metrics: dict[str, float], skipped: bool, bar) -> None:
+        """Schedules, EMA, the objective's step hook, logging and periodic validation after one optimizer step."""
+        acc, tcfg = self.acc, self.tcfg
+        if skipped:
+            self.skipped_steps += 1
+            logger.warning("step %d skipped: non-finite loss", self.step)
+        for sch in self.schedulers:
+            sch.step()
+        if self.ema is not None:
+            self.ema.step(self.all_params)
+        self.step += 1
+        result = self.objective.on_step_end(self.step)  # round boundaries (DDO self-play, DRAGON rounds)
+        if result.reset_optimizer_state:
+            for opt in self.optimizers:
+                getattr(opt, "optimizer", opt).state.clear()  # the Accelerate wrapper holds the torch optimizer
+        if not skipped:
+            self.last_metrics = {k: _mean_over_ranks(acc, v) for k, v in sorted(metrics.items())}
+            self.last_metrics["lr"] = self.schedulers[-1].get_last_lr()[0]
+        loss_key = "loss" if "loss" in self.last_metrics else f"{self.phases[-1].name}/loss"
+        bar.update(1)
+        if loss_key in self.last_metrics:
+            bar.postfix(loss=f"{self.last_metrics[loss_key]:.4f}")
+        if (self.step % tcfg.log_every == 0 or self.step == tcfg.steps) and self.last_metrics:
+            self.history.append({"step": self.step, **self.last_metrics})
+            logger.info("step %d %s", self.step, self.last_metrics)
             if acc.is_main_process:
-                pbar.update(1)
-                pbar.set_postfix(loss=f"{last_metrics[loss_key]:.4f}")
-            if state["step"] % tcfg.log_every == 0 or state["step"] == tcfg.steps:
-                history.append({"step": state["step"], **last_metrics})
-                logger.info("step %d %s", state["step"], last_metrics)
-                if trackers:
-                    acc.log(last_metrics, step=state["step"])
-            if cfg.validation.every and state["step"] % cfg.validation.every == 0 and state["step"] < tcfg.steps:
-                val = evaluate_rewards(objective, rewards, val_prompts, cfg.validation, acc)
-                history.append({"step": state["step"], **{f"val/reward/{k}": v for k, v in val.items()}})
-                logger.info("validation step %d %s", state["step"], val)
-                if trackers:
-                    acc.log({f"val/reward/{k}": v for k, v in val.items()}, step=state["step"])
-                if acc.is_main_process:
-                    pbar.set_postfix(loss=f"{last_metrics[loss_key]:.4f}", **{k[:12]: f"{v:.3f}" for k, v in val.items()})
-            if (tcfg.checkpoint_every and state["step"] % tcfg.checkpoint_every == 0) or stop.stop:
-                save_checkpoint(state["step"])
-            if stop.stop:
-                if acc.is_main_process:
-                    console.print(f"stopped by signal at step {state['step']}; resume with --resume latest")
-                return {"stopped_at": state["step"]}
+                self.log.metrics(self.step, self.last_metrics)
+            if self.trackers:
+                acc.log(self.last_metrics, step=self.step)
+        every = self.cfg.validation.every
+        if every and self.step % every == 0 and self.step < tcfg.steps:
+            val = self.evaluate(f"validate step {self.step}")
+            val_metrics = {f"val/reward/{k}": v for k, v in val.items()}
+            self.history.append({"step": self.step, **val_metrics})
+            logger.info("validation step %d %s", self.step, val)
+            if acc.is_main_process:
+                self.log.metrics(self.step, val_metrics)
+            if self.trackers:
+                acc.log(val_metrics, step=self.step)
+
+    # -- the run --------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        """Set up, train, evaluate, export; returns the summary (also ``RUN_DIR/summary.json``).
+
+        Raises:
+            NonFiniteLossError: a NaN/inf loss with ``train.on_nan: halt``.
+            genalign.rewards.WeightsNotFoundError: a model or reward checkpoint is unavailable.
+        """
+        t_start = time.time()
+        self.setup()
+        reward_before = self.base_reward()
+        with self.log.phase("build data"):
+            self.data = self.objective.build_data(
+                TrainContext(self.cfg, self.model, self.rewards, self.run_dir, self.acc))
+        self.build_optimization()
+        self.maybe_resume()
+        if self.trackers:
+            self.acc.init_trackers("genalign", config=_flat(self.cfg.model_dump(mode="json")))
+        stop = _StopFlag()
+        old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)} if _main_thread() else {}
+        try:
+            with self.log.phase("train", total=self.tcfg.steps, unit="step", initial=self.step) as bar:
+                while self.step < self.tcfg.steps:
+                    metrics, skipped = self.train_step(self.step)
+                    self.after_step(metrics, skipped, bar)
+                    every = self.tcfg.checkpoint_every
+                    if (every and self.step % every == 0) or stop.signum is not None:
+                        self.save_checkpoint(self.step)
+                    if stop.signum is not None:
+                        logger.warning("stopped by signal at step %d; resume with --resume latest", self.step)
+                        return {"stopped_at": self.step, "signal": stop.signum}
+        finally:
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+        done = ckpt.list_checkpoints(self.run_dir)
+        if not done or int(done[-1].name.split("_")[1]) != self.step:
+            self.save_checkpoint(self.step)
+        if self.ema is not None:
+            self.ema.copy_to(self.all_params)
+        reward_after = self.evaluate("evaluate trained", save_as="heldout-trained")
+        summary = self.summary(reward_before, reward_after, t_start)
+        self.finish(summary)
+        return summary
+
+    def summary(self, reward_before: dict, reward_after: dict, t_start: float) -> dict:
+        """The run's summary dict (written to ``summary.json``)."""
+        cfg = self.cfg
+        summary = {
+            "objective": cfg.objective.name, "model": cfg.pipeline.model, "steps": self.step,
+            "seconds": round(time.time() - t_start, 1), "num_rows": self.data.n,
+            "data_skipped": getattr(self.data, "skipped", {}), "skipped_steps": self.skipped_steps,
+            "reward_before": reward_before, "reward_after": reward_after,
+            "heldout_prompts": cfg.validation.prompts, "samples_per_prompt": cfg.validation.samples_per_prompt,
+            "final_metrics": self.last_metrics, "history": self.history,
+            "status": "ok" if all(math.isfinite(v) for v in reward_after.values()) else "failed: non-finite reward_after",
+        }
+        objective_metrics = self.objective.summary_metrics()  # DRAGON win rate, DDO rounds
+        if objective_metrics:
+            summary["objective_metrics"] = objective_metrics
+        return summary
+
+    def finish(self, summary: dict) -> None:
+        """Export, ``summary.json`` (with ``phase_seconds``), the report and the console table (main process)."""
+        acc, cfg = self.acc, self.cfg
+        if acc.is_main_process and cfg.export.enabled:
+            from genalign.export import export_pipeline
+
+            with self.log.phase("export"):
+                export_pipeline(self.model, cfg, self.run_dir / "export", summary=summary)
+        if acc.is_main_process:
+            summary["phase_seconds"] = dict(self.log.phase_seconds)
+            _atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+            if cfg.export.report:
+                from genalign.report import write_report
+
+                with self.log.phase("report"):
+                    write_report(self.run_dir, device=acc.device)
+                summary["phase_seconds"] = dict(self.log.phase_seconds)
+                _atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+            if self.progress:
+                _print_table(summary, self.run_dir)
+        acc.wait_for_everyone()
+        if self.trackers:
+            acc.end_training()
+
+
+def train(cfg: RunConfig, run_dir: str | Path, resume: str | None = None, progress: bool = True,
+          overwrite: bool = False) -> dict:
+    """Run a whole diffusion training job and return the summary (see :class:`DiffusionTrainer`)."""
+    trainer = DiffusionTrainer(cfg, run_dir, resume=resume, progress=progress, overwrite=overwrite)
+    try:
+        return trainer.run()
     finally:
-        pbar.close()
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-    if not ckpt.list_checkpoints(run_dir) or int(ckpt.list_checkpoints(run_dir)[-1].name.split("_")[1]) != state["step"]:
-        save_checkpoint(state["step"])
-    if ema is not None:
-        ema.copy_to(all_params)
-    reward_after = evaluate_rewards(objective, rewards, val_prompts, cfg.validation, acc)
-    summary = {
-        "objective": cfg.objective.name, "model": cfg.pipeline.model, "steps": state["step"],
-        "seconds": round(time.time() - t_start, 1), "num_rows": data.n, "data_skipped": getattr(data, "skipped", {}),
-        "skipped_steps": skipped_steps, "reward_before": reward_before, "reward_after": reward_after,
-        "heldout_prompts": cfg.validation.prompts, "samples_per_prompt": cfg.validation.samples_per_prompt,
-        "final_metrics": last_metrics, "history": history,
-    }
-    objective_metrics = objective.summary_metrics()  # objective-specific evaluation (DRAGON win rate, DDO rounds)
-    if objective_metrics:
-        summary["objective_metrics"] = objective_metrics
-    if acc.is_main_process and cfg.export.enabled:
-        from genalign.export import export_pipeline
+        if getattr(trainer, "lock", None) is not None:
+            trainer.lock.release()
 
-        export_pipeline(model, cfg, run_dir / "export", summary=summary)
-    if acc.is_main_process:
-        _atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
-        if cfg.export.report:
-            from genalign.report import write_report
 
-            write_report(run_dir, device=acc.device)
-        if progress:
-            _print_table(console, reward_before, reward_after, summary)
-    acc.wait_for_everyone()
-    if trackers:
-        acc.end_training()
-    return summary
+def check_distributed_type(acc) -> None:
+    """Log the distributed type in effect and refuse a launcher preset whose strategy did not take effect
+    (e.g. an FSDP accelerate config on CPU, which Accelerate silently runs as plain multi-CPU data parallel).
+
+    Raises:
+        RuntimeError: ``ACCELERATE_USE_FSDP`` / ``ACCELERATE_USE_DEEPSPEED`` set but not in effect.
+    """
+    kind = str(acc.distributed_type).split(".")[-1]
+    logger.info("distributed type %s, %d process(es)", kind, acc.num_processes)
+    for env, want in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")):
+        if os.environ.get(env, "").lower() in ("1", "true") and kind != want:
+            raise RuntimeError(f"the accelerate config asks for {want} but Accelerate runs {kind} here "
+                               f"({acc.num_processes} process(es), device {acc.device}); {want} needs GPUs — use "
+                               "configs/accelerate/cpu_2proc.yaml on CPU")
 
 
 def _tracker_available(name: str) -> bool:
@@ -379,15 +511,19 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def _print_table(console, before: dict, after: dict, summary: dict) -> None:
+def _print_table(summary: dict, run_dir: Path) -> None:
+    from rich.console import Console
     from rich.table import Table
 
+    console = Console()
     table = Table(title=f"held-out reward ({summary['heldout_prompts']}, {summary['samples_per_prompt']} samples/prompt)")
-    table.add_column("reward")
-    table.add_column("base", justify="right")
-    table.add_column("trained", justify="right")
-    table.add_column("change", justify="right")
+    for col, justify in (("reward", "left"), ("base", "right"), ("trained", "right"), ("change", "right")):
+        table.add_column(col, justify=justify)
+    before, after = summary["reward_before"], summary["reward_after"]
     for k in before:
         table.add_row(k, f"{before[k]:.4f}", f"{after[k]:.4f}", f"{after[k] - before[k]:+.4f}")
     console.print(table)
     console.print(f"{summary['steps']} steps in {summary['seconds']:.0f} s")
+    written = [p for p in ("summary.json", "report.html", "export", "logs/metrics.jsonl", "samples")
+               if (run_dir / p).exists()]
+    console.print("wrote: " + ", ".join(str(run_dir / p) for p in written))
