@@ -341,8 +341,8 @@ def lora_config(
 
     Args:
         r, alpha: LoRA rank and scaling numerator (RRPO LLaVA-Video recipe 128 / 256 [code]).
-        dropout: LoRA dropout (0 by default: RRPO disables dropout in policy and reference [code]; VideoChat2 uses
-            0.05).
+        dropout: LoRA dropout (function default 0; the RRPO LLaVA-Video recipe uses 0.05, the
+            ``train_llavavideo.py`` default [code]; VideoChat2 0.05).
         target_modules: module names or a regex; default all attention/MLP projections, restricted to the
             language model for ``kind="video"`` (vision tower and projector stay frozen [code]).
         bias: ``"none"`` | ``"lora_only"`` | ``"all"`` (LongVU recipe ``lora_only``).

@@ -169,8 +169,8 @@ def train_lm(cfg: LMRunConfig, run_dir: str | Path, resume: str | None = None, p
         "steps": trainer.state.global_step,
         "global_step": trainer.state.global_step,
         "train_loss": result.training_loss,
-        "first_loss": losses[0] if losses else math.nan,
-        "last_loss": losses[-1] if losses else math.nan,
+        "first_loss": losses[0] if losses else result.training_loss,  # nothing logged: the run's mean loss
+        "last_loss": losses[-1] if losses else result.training_loss,
         "log_history": trainer.state.log_history,
         "counts": dict(counts + trainer.genalign_counts + obj_counts + getattr(collator, "counts", Counter())),
         "resumed_from": str(resume_dir) if resume_dir else None,
@@ -178,7 +178,7 @@ def train_lm(cfg: LMRunConfig, run_dir: str | Path, resume: str | None = None, p
     }
     if eval_ds is not None:
         summary["eval"] = trainer.evaluate()
-    if not math.isfinite(summary["last_loss"]) and losses:
+    if not math.isfinite(summary["last_loss"]):
         raise FloatingPointError(f"{run_dir}: the last logged loss is {summary['last_loss']}; nothing exported")
     summary["seconds"] = time.time() - t0
     if cfg.export.enabled:
