@@ -47,9 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--child", choices=CONTENDERS, default=None, help=argparse.SUPPRESS)
+    if ap.parse_known_args(argv)[0].quick:  # quick sizes, unless given explicitly
+        ap.set_defaults(pairs=2, latent_size=8, memory_repeats=1, rounds=2)
     args = ap.parse_args(argv)
-    if args.quick:
-        args.pairs, args.latent_size, args.memory_repeats, args.rounds = 2, 8, 1, 2
     if args.pairs < 1 or args.latent_size < 4 or args.memory_repeats < 1 or args.rounds < 0:
         ap.error("--pairs ≥ 1, --latent-size ≥ 4, --memory-repeats ≥ 1, --rounds ≥ 0")
     return args

@@ -61,9 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: quiet on a shared machine)")
     ap.add_argument("--quick", action="store_true", help="2 pairs, 8×8 latents, 3 rounds, 1 memory repeat")
     ap.add_argument("--child", choices=CONTENDERS, default=None, help=argparse.SUPPRESS)
+    if ap.parse_known_args(argv)[0].quick:  # quick sizes, unless given explicitly
+        ap.set_defaults(pairs=2, latent_size=8, rounds=3, calls=1, memory_repeats=1)
     args = ap.parse_args(argv)
-    if args.quick:
-        args.pairs, args.latent_size, args.rounds, args.calls, args.memory_repeats = 2, 8, 3, 1, 1
     if args.pairs < 1 or args.latent_size < 4 or args.rounds < 1 or args.calls < 1 or args.memory_repeats < 0:
         ap.error("--pairs ≥ 1, --latent-size ≥ 4, --rounds ≥ 1, --calls ≥ 1, --memory-repeats ≥ 0")
     return args
