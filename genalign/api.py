@@ -36,7 +36,8 @@ def load_config(path=None, overrides: list[str] | None = None) -> RunConfig | LM
     return _load_config(path, overrides)
 
 
-def train(cfg: RunConfig | LMRunConfig, run_dir, resume: str | None = None, progress: bool = True) -> dict:
+def train(cfg: RunConfig | LMRunConfig, run_dir, resume: str | None = None, progress: bool = True,
+          overwrite: bool = False) -> dict:
     """Train from a validated config; the pipeline family picks the trainer.
 
     ``pipeline.name: language | video_language`` → the TRL trainer (:func:`genalign.training.lm.train_lm`);
@@ -47,9 +48,14 @@ def train(cfg: RunConfig | LMRunConfig, run_dir, resume: str | None = None, prog
         cfg: from :func:`load_config`. run_dir: run folder (created).
         resume: None | ``"latest"`` (newest complete checkpoint of ``run_dir``) | a checkpoint folder.
         progress: progress bar / result table.
+        overwrite: start over in a folder holding a previous run (diffusion runs; only genalign's files go).
 
     Returns:
         the summary dict (also ``run_dir/summary.json``).
+
+    Raises:
+        genalign.training.run_folder.RunFolderError: a non-empty folder without ``resume`` / ``overwrite``, a locked
+            folder, or a resume whose config changes the run.
     """
     if isinstance(cfg, LMRunConfig):
         from genalign.training.lm import train_lm  # TRL is an optional dependency ([lm] extra)
@@ -57,7 +63,7 @@ def train(cfg: RunConfig | LMRunConfig, run_dir, resume: str | None = None, prog
         return train_lm(cfg, run_dir, resume=resume, progress=progress)
     from genalign.training.trainer import train as train_diffusion
 
-    return train_diffusion(cfg, run_dir, resume=resume, progress=progress)
+    return train_diffusion(cfg, run_dir, resume=resume, progress=progress, overwrite=overwrite)
 
 
 def _run_family(run_dir: Path) -> str:

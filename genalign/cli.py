@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="resume from the newest complete checkpoint of the run folder, or from a checkpoint folder")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.steps=50 (repeatable; values parsed as YAML)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start over in a run folder that holds a previous run (removes only genalign's run files)")
     t.add_argument("--quiet", action="store_true", help="no progress bar or result table")
 
     g = sub.add_parser("generate", help="generate images with a pipeline or an exported run",
@@ -132,9 +134,13 @@ def _cmd_train(args) -> int:
     # No config: the built-in quickstart (configs/quickstart.yaml, shipped as package data).
     cfg = api.load_config(args.config or QUICKSTART, args.overrides)
     out = args.output_dir or str(Path("runs") / (Path(args.config).stem if args.config else "quickstart"))
-    summary = api.train(cfg, out, resume=args.resume, progress=not args.quiet)
-    if "stopped_at" not in summary:
-        print(f"run folder: {out}  (export: {out}/export, summary: {out}/summary.json)")
+    summary = api.train(cfg, out, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
+    if "stopped_at" in summary:  # checkpointed after SIGINT / SIGTERM: the shell's 128 + signal convention
+        return 128 + int(summary.get("signal") or 15)
+    if summary.get("status", "ok") != "ok":
+        print(f"genalign train: error: {summary['status']} (see {out}/summary.json)", file=sys.stderr)
+        return 1
+    print(f"run folder: {out}  (export: {out}/export, summary: {out}/summary.json)")
     return 0
 
 
@@ -297,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
                 "list": _cmd_list}
     try:
         return handlers[args.command](args)
-    except (ConfigError, WeightsNotFoundError, FileNotFoundError, RewardError, NonFiniteLossError) as err:
+    except (ConfigError, WeightsNotFoundError, RewardError, NonFiniteLossError, OSError) as err:
+        # OSError covers missing files, a refused export destination, a read-only or full disk: one line each.
         print(f"genalign {args.command}: error: {err}", file=sys.stderr)
         return 2
 
