@@ -13,7 +13,9 @@ from genalign.data.audio import (
     load_audio_data, load_audio_preference_pairs, load_exemplar_folder, note_frequency, read_audio, save_audio,
     synth_clip, synthetic_music_dataset,
 )
-from genalign.objectives.dragon import cosine_v_objective, x0_from_v
+from genalign.data.audio import generate_audio_files
+from genalign.pipelines.audio import cosine_v_objective
+from genalign.pipelines.audio import cosine_x0_from_v as x0_from_v
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -118,7 +120,7 @@ def test_export_folds_lora_into_a_loadable_pipeline(sa, tmp_path):
 
 
 def test_generate_audio_files_writes_wavs(tmp_path):
-    from genalign.pipelines.audio import audio_adapter_for, generate_audio_files
+    from genalign.pipelines.audio import audio_adapter_for
 
     ad = audio_adapter_for("tiny:stable_audio")
     assert ad.ref_unet is None and not ad.trainable_parameters()
@@ -216,15 +218,16 @@ def test_synthetic_music_names_pitch_and_tempo():
 
 
 def test_dpo_and_kto_plumbing_on_audio_latents(sa):
-    from genalign.objectives.ddo import shared_noise_losses
-    from genalign.objectives.dragon import diffusion_kto_loss, dragon_dpo_loss, paired_shared_losses
+    from genalign.objectives.dragon import diffusion_kto_loss, dragon_dpo_loss
+    from genalign.pipelines.denoising import paired_denoising_losses, shared_noise_losses
 
     lat = torch.randn(4, 8, 64, generator=torch.Generator().manual_seed(1))
     cond = sa.encode_prompt(["a fast chord in A", "a slow tone in C"])
-    lw, ll, rw, rl = paired_shared_losses(sa, lat[:2], lat[2:], cond, torch.Generator().manual_seed(0))
+    p = paired_denoising_losses(sa, lat[:2], lat[2:], cond, torch.Generator().manual_seed(0), with_reference=True)
+    lw, ll, rw, rl = p.losses_w, p.losses_l, p.ref_w, p.ref_l
     loss, _ = dragon_dpo_loss(lw, ll, rw, rl)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)  # (B, C, T) latents: 3-D noise repeat works
     cond4 = {k: torch.cat([v, v]) for k, v in cond.items()}
     out = shared_noise_losses(sa, lat, cond4, torch.Generator().manual_seed(0), reduction="mean")
-    kto, _ = diffusion_kto_loss(out.model_losses, out.ref_losses, torch.tensor([1, 0, 1, 0]))
-    assert kto.item() == pytest.approx(0.5, abs=1e-6) and out.model_losses.requires_grad
+    kto, _ = diffusion_kto_loss(out.losses, out.ref_losses, torch.tensor([1, 0, 1, 0]))
+    assert kto.item() == pytest.approx(0.5, abs=1e-6) and out.losses.requires_grad

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from genalign.config import LoraConfig, load_config
-from genalign.objectives.ddo import (
-    DDO, DDOData, merge_lora_into_base, shared_noise_losses, trainable_snapshot,
-)
-from genalign.objectives.dragon import DRAGON, DragonRewardTerm, paired_shared_losses
+from genalign.objectives.ddo import DDO, DDOData
+from genalign.objectives.dragon import DRAGON, DragonRewardTerm
+from genalign.pipelines.denoising import paired_denoising_losses, shared_noise_losses
+from genalign.pipelines.lora import merge_lora_into_base, trainable_snapshot
+from genalign.pipelines.sampling import encode_prompts
 from genalign.pipelines.sd import SDAdapter
 from genalign.pipelines.tiny import tiny_sd_pipeline
 from genalign.training.trainer import train
@@ -45,8 +46,8 @@ def test_shared_noise_losses_same_inputs_for_policy_and_reference_and_no_ref_gra
     x0 = torch.randn(5, 4, 8, 8)
     cond = sd.encode_prompt(["a", "b", "c", "d", "e"])
     out = shared_noise_losses(sd, x0, cond, torch.Generator().manual_seed(0), reduction="sum")
-    (pol, ref) = calls
-    assert pol[3] is None and ref[3] is not None  # second call is the reference network
+    (ref, pol) = calls  # the reference pass runs first (pipelines/denoising.py: lower peak memory)
+    assert pol[3] is None and ref[3] is not None  # the other call is the reference network
     assert torch.equal(pol[0], ref[0]) and torch.equal(pol[1], ref[1]) and torch.equal(pol[2], ref[2])
     assert len(set(out.timesteps.tolist())) > 1  # one t per sample, not one per batch
     # the shared x_t is exactly add_noise(x0, ε, t) of that draw
@@ -54,9 +55,9 @@ def test_shared_noise_losses_same_inputs_for_policy_and_reference_and_no_ref_gra
     noise = torch.randn(x0.shape, generator=g)
     t = torch.randint(0, 1000, (5,), generator=g)
     assert torch.equal(out.timesteps, t) and torch.allclose(out.x_t, sd.add_noise(x0, noise, t))
-    assert out.model_losses.requires_grad and not out.ref_losses.requires_grad
-    assert not torch.allclose(out.model_losses, out.ref_losses)
-    out.model_losses.sum().backward()
+    assert out.losses.requires_grad and not out.ref_losses.requires_grad
+    assert not torch.allclose(out.losses, out.ref_losses)
+    out.losses.sum().backward()
     frozen = [p for n, p in sd.unet.named_parameters() if "lora" not in n]
     assert all(p.grad is None for p in frozen)  # the reference (base weights) never receives gradient
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in sd.trainable_parameters())
@@ -65,7 +66,8 @@ def test_shared_noise_losses_same_inputs_for_policy_and_reference_and_no_ref_gra
 def test_paired_shared_losses_repeat_noise_within_pairs_any_rank(sd):
     lat = torch.randn(3, 4, 8, 8)
     cond = sd.encode_prompt(["a", "b", "c"])
-    lw, ll, rw, rl = paired_shared_losses(sd, lat, lat.clone(), cond, torch.Generator().manual_seed(0))
+    out = paired_denoising_losses(sd, lat, lat.clone(), cond, torch.Generator().manual_seed(0), with_reference=True)
+    lw, ll, rw, rl = out.losses_w, out.losses_l, out.ref_w, out.ref_l
     assert torch.allclose(lw, ll) and torch.allclose(rw, rl)  # same latents + shared (t, ε) -> same loss
     assert torch.allclose(lw, rw)  # LoRA B = 0 at init: policy == reference
 
@@ -76,8 +78,6 @@ def _ddo(sd, **cfg):
     g = torch.Generator().manual_seed(0)
     lat = torch.randn(6, 4, 8, 8, generator=g)
     prompts = [f"a handwritten digit {i}" for i in range(6)]
-    from genalign.objectives.ddo import encode_prompts
-
     obj.data = DDOData(sd, lat, prompts, encode_prompts(sd, prompts))
     obj._null_cond = encode_prompts(sd, [""])
     obj.total_steps = 10
@@ -121,8 +121,9 @@ def test_ddo_round_switch_replaces_the_reference(sd, tmp_path):
     opt.step()
     with torch.no_grad():
         trained = sd.predict(x_t, t, cond)
-    obj._optimizers = [opt]
-    obj.switch_reference()
+    res = obj.switch_reference()
+    if res.reset_optimizer_state:  # what the trainer does with the objective's StepResult
+        opt.state.clear()
     with torch.no_grad():
         with sd.reference() as r:
             ref_after = sd.predict(x_t, t, cond, unet=r)
@@ -132,7 +133,7 @@ def test_ddo_round_switch_replaces_the_reference(sd, tmp_path):
     assert torch.allclose(policy_after, ref_after, atol=1e-6)  # and it is the new initialisation
     assert not torch.allclose(policy_before, policy_after, atol=1e-3)
     assert obj.round == 1 and obj._fakes is None and obj.reference_fingerprint() != fp0
-    assert len(opt.state) == 0  # fresh optimizer moments for the new round
+    assert res.reset_optimizer_state and len(opt.state) == 0  # fresh optimizer moments for the new round
     # resume: a fresh model + the saved state rebuilds the same reference
     state = obj.state_dict()
     sd2 = SDAdapter(tiny_sd_pipeline(), lora=LoraConfig(rank=4))
@@ -192,12 +193,13 @@ class _FakeTerm:
     def __init__(self, kind, weight=1.0):
         self.kind, self.label = kind, kind
         self.spec = DragonRewardTerm(name="x", weight=weight)
+        self.weight, self.normalize = self.spec.weight, self.spec.normalize
 
     def set_fn(self, items):
         return float(-(items.mean(0) - 3.0).pow(2).sum())  # set reward: the set mean should be near 3
 
     def per_item(self, ev):
-        from genalign.objectives.dragon import leave_one_out_contributions
+        from genalign.rewards.terms import leave_one_out_contributions
 
         return ev["values"].double() if ev["kind"] == "instance" else leave_one_out_contributions(ev["items"], self.set_fn)
 

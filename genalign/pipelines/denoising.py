@@ -15,6 +15,7 @@ Source: methods README §1-§2 (shared noise within a pair), MaPO ``train.py`` L
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,3 +176,35 @@ def reference_losses(model, fwd: PairedLosses, reduction: str = "mean") -> tuple
     with model.reference() as ref_unet:
         losses = per_sample_error(model.predict(fwd.x_t, fwd.timesteps, fwd.cond, unet=ref_unet), fwd.target, reduction)
     return tuple(losses.detach().chunk(2))  # type: ignore[return-value]
+
+
+def convert_beta(beta: float, from_reduction: str, to_reduction: str, num_elements: int) -> float:
+    """Convert a logit scale β between mean- and sum-reduced per-sample errors (README §3).
+
+    Used to log a method's β in the other convention at start-up (DDO, DRAGON) and to compare recipes.
+
+    κ·(difference of means) = (κ/D)·(difference of sums), so β_sum = β_mean / D and β_mean = D·β_sum.
+
+    Args:
+        beta: β > 0 in the ``from_reduction`` convention.
+        from_reduction, to_reduction: "mean" or "sum".
+        num_elements: D = number of elements per sample (C·H·W), e.g. 16,384 for SD1.5-512 latents.
+
+    Returns:
+        β in the ``to_reduction`` convention (e.g. DDO β_sum = 0.05 ↔ β_mean = 819.2 at D = 16,384).
+
+    Raises:
+        ValueError: unknown reduction, β ≤ 0 or D < 1.
+    """
+    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    if int(num_elements) != num_elements or num_elements < 1:
+        raise ValueError(f"num_elements must be a positive integer, got {num_elements!r}")
+    for r in (from_reduction, to_reduction):
+        if r not in ("sum", "mean"):
+            raise ValueError(f"reduction must be 'sum' or 'mean', got {r!r}")
+    if from_reduction == to_reduction:
+        return float(beta)
+    if from_reduction == "sum":
+        return float(beta) * num_elements
+    return float(beta) / num_elements

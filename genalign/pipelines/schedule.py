@@ -112,3 +112,35 @@ def x0_and_epsilon(pred: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tenso
     if prediction_type == "v_prediction":
         return x0_from_v(x_t, pred, alpha_bar), epsilon_from_v(x_t, pred, alpha_bar)
     raise ValueError(f"unsupported prediction_type {prediction_type!r} (epsilon or v_prediction)")
+
+
+def edm_preconditioning(sigma: torch.Tensor, sigma_data: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """EDM preconditioning (Karras et al. 2022): returns ``(c_skip, c_out, lambda)``.
+
+    c_skip = σ_d²/(σ² + σ_d²), c_out = σσ_d/sqrt(σ² + σ_d²), λ(σ) = 1/c_out². ``sigma``: any shape, > 0.
+    """
+    sigma = sigma.to(torch.float32)
+    if (sigma <= 0).any():
+        raise ValueError("sigma must be > 0")
+    c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
+    c_out = sigma * sigma_data / torch.sqrt(sigma**2 + sigma_data**2)
+    return c_skip, c_out, 1.0 / c_out**2
+
+
+def edm_f_target(x0: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
+    """EDM effective training target F̂ = (x0 − c_skip·x_t)/c_out (Karras et al. 2022 Eq. 8; DDO App. C form).
+
+    Args:
+        x0, x_t: (B, ...) clean and noisy samples (x_t = x0 + σ·n).
+        sigma: (B,) noise levels.
+
+    With this target ‖F_θ − F̂‖² = λ(σ)·‖D_θ − x0‖² for D_θ = c_skip·x_t + c_out·F_θ, so the F-space error already
+    carries EDM's loss weighting and needs no separate w(t).
+    """
+    if x0.shape != x_t.shape:
+        raise ValueError(f"x0 and x_t shapes differ: {tuple(x0.shape)} vs {tuple(x_t.shape)}")
+    if sigma.ndim != 1 or sigma.shape[0] != x0.shape[0]:
+        raise ValueError(f"sigma must have shape ({x0.shape[0]},), got {tuple(sigma.shape)}")
+    c_skip, c_out, _ = edm_preconditioning(sigma, sigma_data)
+    shape = (-1,) + (1,) * (x0.ndim - 1)
+    return (x0.to(torch.float32) - c_skip.view(shape) * x_t.to(torch.float32)) / c_out.view(shape)

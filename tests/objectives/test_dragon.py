@@ -6,23 +6,22 @@ import math
 import pytest
 import torch
 
-from genalign.objectives.dragon import (
-    DRAGONConfig,
+from genalign.evaluation.demonstrations import (
     build_paired_best_worst,
     build_unpaired_leave_one_out,
     build_unpaired_threshold,
-    cosine_v_objective,
-    diffusion_kto_loss,
     greedy_pairwise_split,
     leave_one_out_contributions,
-    set_win_rate_bootstrap,
-    win_rate,
-    x0_from_v,
 )
+from genalign.evaluation.winrate import subset_bootstrap_preference as set_win_rate_bootstrap
+from genalign.evaluation.winrate import win_rate
+from genalign.objectives.dragon import DRAGON, diffusion_kto_loss
+from genalign.pipelines.audio import cosine_v_objective
+from genalign.pipelines.audio import cosine_x0_from_v as x0_from_v
 
 
 def test_config_defaults():
-    cfg = DRAGONConfig()
+    cfg = DRAGON.Config()  # the one config (the unused DRAGONConfig dataclass is gone, issue 14 item 15)
     assert cfg.beta_kto == 1000.0 and cfg.beta_dpo == 5000.0
     assert cfg.lambda_desirable == cfg.lambda_undesirable == 1.0
     assert cfg.unpaired_threshold == "median"
@@ -112,6 +111,22 @@ def test_dpo_branch_if_available():
     # diffusion_dpo.md §8: β = 5000, L_w = 0.1000, L_l = 0.1004, R_w = R_l = 0.1 ⇒ z = 1, loss = 0.3132617.
     loss, _ = dragon_dpo_loss(torch.tensor([0.1]), torch.tensor([0.1004]), torch.tensor([0.1]), torch.tensor([0.1]))
     assert loss.item() == pytest.approx(0.3132617, abs=1e-4)
+
+
+def test_dragon_dpo_loss_equals_diffusion_dpo_loss():
+    # DRAGON's paired branch is Diffusion-DPO; objectives do not import each other, so the formula is pinned here.
+    from genalign.objectives.dpo import diffusion_dpo_loss
+    from genalign.objectives.dragon import dragon_dpo_loss
+
+    g = torch.Generator().manual_seed(0)
+    lw, ll, rw, rl = (0.1 + 0.01 * torch.rand(6, generator=g) for _ in range(4))
+    for half in (True, False):
+        a, ma = dragon_dpo_loss(lw, ll, rw, rl, beta=3000.0, half_factor=half)
+        b, mb = diffusion_dpo_loss(lw, ll, rw, rl, beta=3000.0, half_factor=half)
+        assert a.item() == pytest.approx(b.item(), abs=1e-7)
+        assert float(ma["implicit_acc"]) == pytest.approx(mb["implicit_acc"])
+    with pytest.raises(ValueError):
+        dragon_dpo_loss(lw, ll, rw, rl[:3])
 
 
 # ---------------------------------------------------------------- builders
