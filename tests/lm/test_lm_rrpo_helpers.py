@@ -184,3 +184,62 @@ def test_diff_matches_official_logic_random_with_autojunk():
                 del b[min(pos, len(b) - 1)]
         assert segment_ids_from_diff(a, b) == _official_get_diff_signs(a, b)
         assert segment_ids_from_diff(a, b, min_match=3) == _official_get_diff_signs(a, b, 3)
+
+
+# ------------------------------------------------------------------------------------------ one-pass LM head
+@pytest.mark.parametrize("chunk", [1, 4, 1000])
+def test_one_pass_logps_and_kl_equal_dense_values_and_grads(chunk):
+    """token_stats_chunked (issue 16 item 2) gives the dense log_softmax log-probs and KL(π_ref‖π_θ), and the same
+    gradient w.r.t. the policy hidden states, for any chunking."""
+    from genalign.pipelines.lm_head import token_stats_chunked
+    from genalign.objectives.treg import gather_token_logps
+
+    torch.manual_seed(1)
+    R, L, H, V = 4, 5, 8, 40  # rows [chosen(2); rejected(2)]
+    hp = torch.randn(R, L, H, requires_grad=True)
+    hr = torch.randn(R, L, H)
+    w, bias = torch.randn(V, H), torch.randn(V)
+    ids = torch.randint(0, V, (R, L))
+    mask = torch.rand(R, L) > 0.3
+    up_lp, up_kl = torch.randn(R, L), torch.randn(2, L)  # arbitrary upstream gradients
+    logps, ref_logps, kl = token_stats_chunked(hp, hr, w, ids, mask, kl_rows=2, chunk_size=chunk, lm_head_bias=bias)
+    ((logps * up_lp).sum() + (kl * up_kl).sum()).backward()
+    g_fused = hp.grad.clone()
+    hp.grad = None
+    zp, zr = hp @ w.T + bias, hr @ w.T + bias
+    d_lp = torch.where(mask, gather_token_logps(zp, ids), torch.zeros(()))
+    d_kl = token_kl_from_logits(zp[:2], zr[:2], mask[:2])
+    ((d_lp * up_lp).sum() + (d_kl * up_kl).sum()).backward()
+    assert torch.allclose(logps, d_lp, atol=1e-5)
+    assert torch.allclose(ref_logps, torch.where(mask, gather_token_logps(zr, ids), torch.zeros(())), atol=1e-5)
+    assert torch.allclose(kl, d_kl, atol=1e-5)
+    assert torch.allclose(g_fused, hp.grad, atol=1e-5)
+    assert not ref_logps.requires_grad
+
+
+def test_one_pass_projects_each_position_once_and_backward_has_no_lm_head_matmul():
+    """LM-head FLOPs: policy and reference logits once per position, p·W once per position, q·W once per chosen
+    position; backward adds no matmul (the old path recomputed the chunks, reference included, in backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from genalign.pipelines.lm_head import token_kl_chunked, token_logps_chunked, token_stats_chunked
+
+    R, L, H, V = 4, 6, 16, 64
+    hp = torch.randn(R, L, H, requires_grad=True)
+    hr, w, ids = torch.randn(R, L, H), torch.randn(V, H), torch.randint(0, V, (R, L))
+    mask = torch.ones(R, L, dtype=torch.bool)
+    n, n_kl = R * L, 2 * L
+    with FlopCounterMode(display=False) as fwd:
+        logps, _, kl = token_stats_chunked(hp, hr, w, ids, mask, kl_rows=2, chunk_size=5)
+    with FlopCounterMode(display=False) as bwd:
+        (logps.sum() + kl.sum()).backward()
+    assert fwd.get_total_flops() == 2 * H * V * (3 * n + n_kl)
+    assert bwd.get_total_flops() == 0
+    hp.grad = None
+    with FlopCounterMode(display=False) as old:  # the previous path: logps + no-grad ref + KL, checkpointed
+        lp = token_logps_chunked(hp, w, ids, mask, 5)
+        with torch.no_grad():
+            token_logps_chunked(hr, w, ids, mask, 5)
+        k = token_kl_chunked(hp[:2], hr[:2], w, mask[:2], 5)
+        (lp.sum() + k.sum()).backward()
+    assert old.get_total_flops() > fwd.get_total_flops()

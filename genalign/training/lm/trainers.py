@@ -75,7 +75,7 @@ class _Forward(TokenForward):
         self.mask = inputs["completion_mask"][..., 1:].bool()
         self._cache = None
 
-    def _ref_forward(self, **kw):
+    def reference_forward(self, **kw):
         t = self.t
         with torch.no_grad(), disable_gradient_checkpointing(t.model, t.args.gradient_checkpointing_kwargs):
             with t.reference_context():
@@ -91,14 +91,14 @@ class _Forward(TokenForward):
         if self.t.precompute_ref_logps:
             self._cache = logps, None, (self.inputs["ref_chosen_logps"], self.inputs["ref_rejected_logps"])
         else:
-            ref = self._ref_forward(labels=labels, fused_lm_head=True).log_probs[:, -T:].float()
+            ref = self.reference_forward(labels=labels, fused_lm_head=True).log_probs[:, -T:].float()
             self._cache = logps, ref, None
         return self._cache
 
     def token_logps_and_kl(self, chunk_size: int):
         T = self.mask.size(1)
         # reference first, under no_grad: its activations are freed before the policy graph exists
-        ref_hidden = self._ref_forward(return_last_hidden_state=True).last_hidden_state[:, -(T + 1):-1]
+        ref_hidden = self.reference_forward(return_last_hidden_state=True).last_hidden_state[:, -(T + 1):-1]
         hidden = self.model(**self.model_kwargs, return_last_hidden_state=True).last_hidden_state[:, -(T + 1):-1]
         w, b = lm_head_params(self.t.accelerator.unwrap_model(self.t.model))
         wr, br = (w, b) if self.t.ref_model is None else lm_head_params(
