@@ -145,7 +145,7 @@ def generate(model: str, prompts: str, out, steps: int = 25, guidance_scale: flo
 def score(samples, rewards: list, batch_size: int = 8, device: str | None = None, prompts: str | None = None,
           modality: str = "auto", progress: bool = True) -> dict:
     """Score a folder of images / audio (or a jsonl manifest) with rewards (see
-    :func:`genalign.scoring.score_samples`).
+    :func:`genalign.evaluation.scoring.score_samples`).
 
     Args:
         samples: folder or manifest. rewards: reward names or ``{"name", "weight", "kwargs"}`` dicts.
@@ -155,7 +155,7 @@ def score(samples, rewards: list, batch_size: int = 8, device: str | None = None
         ``{"per_sample": [...], "stats": {reward: {n, mean, std, min, max}}, "set": [...], "skipped": int,
         "modality": str}``.
     """
-    from genalign.scoring import score_samples
+    from genalign.evaluation.scoring import score_samples
 
     specs = [{"name": r} if isinstance(r, str) else r for r in rewards]
     return score_samples(str(samples), specs, batch_size=batch_size, device=device, prompts=prompts,

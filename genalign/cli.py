@@ -186,7 +186,8 @@ def _cmd_score(args) -> int:
 
     from genalign.config import ConfigError
     from genalign import api
-    from genalign.scoring import run_samples, write_scores
+    from genalign.evaluation.samples import run_samples
+    from genalign.evaluation.scoring import write_scores
 
     names = [n.strip() for r in (args.reward or []) for n in r.split(",") if n.strip()]
     if args.conditions:  # controllability of a ControlNet's samples (Ctrl-U / ControlNet++ evaluation)
@@ -243,7 +244,7 @@ def _cmd_score(args) -> int:
 
 @_user_errors
 def _cmd_relabel(args) -> int:
-    from genalign.scoring import relabel_pairs
+    from genalign.evaluation.relabel import relabel_pairs
 
     st = relabel_pairs(args.pairs, args.reward, args.out, batch_size=args.batch_size, split=args.split,
                        max_pairs=args.max_pairs, device=args.device, progress=not args.quiet)
@@ -254,7 +255,7 @@ def _cmd_relabel(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from genalign.report import write_report
+    from genalign.evaluation.report import write_report
 
     print(f"wrote {write_report(args.run_dir, args.out, samples=not args.no_samples, device=args.device)}")
     return 0

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from genalign.cli import main
-from genalign.report import reward_curves, write_report
+from genalign.evaluation.report import reward_curves, write_report
 
 CHROMIUM = os.environ.get("GENALIGN_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("GENALIGN_CHROMEDRIVER", "/usr/bin/chromedriver")

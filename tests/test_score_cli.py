@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from genalign.cli import main
-from genalign.scoring import collect_samples, relabel_pairs, score_samples
+from genalign.evaluation.relabel import relabel_pairs
+from genalign.evaluation.scoring import collect_samples, score_samples
 
 
 def _img(path, value, size=(12, 12)):

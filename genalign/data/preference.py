@@ -94,7 +94,6 @@ def decode_image(data) -> Image.Image:
     return img.convert("RGB")
 
 
-_decode = decode_image  # old private name, still used by genalign.scoring until it calls decode_image
 
 
 def resize_crop(img: Image.Image, resolution: int, hflip: bool = False, random_crop: bool = False,
@@ -418,7 +417,7 @@ class PreferenceSource:
         return out
 
 
-def _rows_from_source(source: str, split: str):
+def iter_source_rows(source: str, split: str):
     """Yield every raw row, ties and bad rows included (``genalign relabel`` in scoring.py re-judges them all):
     Pick-a-Pic dicts, or jsonl dicts with a ``_base`` folder for relative image paths (``{"_bad": reason}`` for a
     line that is not a JSON object). Parquet is read in place in batches of 64 rows; hub ids are streamed."""

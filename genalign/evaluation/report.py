@@ -8,7 +8,7 @@ Sections (each ``<section id=...>``):
   ``summary.json``'s history, the last step = ``reward_after``) and the training loss, drawn with matplotlib and
   embedded as SVG data URIs (no scripts, no external files);
 - ``samples``: per held-out prompt, the base model's and the trained export's samples side by side with the same
-  seeds (:func:`genalign.scoring.run_samples`), each with its per-sample reward values; images are embedded as
+  seeds (:func:`genalign.evaluation.samples.run_samples`), each with its per-sample reward values; images are embedded as
   base64 PNG, small ones (the 8x8 digits) upscaled with nearest-neighbour to at least 128 px; audio samples get
   ``<audio controls>`` players with an embedded WAV;
 - ``config``: the resolved ``config.yaml``.
@@ -220,7 +220,7 @@ def _curves_section(summary: dict | None) -> str:
 
 
 def _media(path: Path, caption: str, cls: str) -> str:
-    from genalign.scoring import AUDIO_SUFFIXES
+    from genalign.evaluation.scoring import AUDIO_SUFFIXES
 
     try:
         if path.suffix.lower() in AUDIO_SUFFIXES:
@@ -234,7 +234,8 @@ def _media(path: Path, caption: str, cls: str) -> str:
 
 
 def _samples_section(run_dir: Path, cfg, device, enabled: bool) -> str:
-    from genalign.scoring import _read_jsonl, run_samples, score_samples
+    from genalign.evaluation.samples import run_samples
+    from genalign.evaluation.scoring import read_manifest, score_samples
 
     parts = ['<section id="samples"><h2>Samples on held-out prompts</h2>']
     if not enabled:
@@ -245,12 +246,12 @@ def _samples_section(run_dir: Path, cfg, device, enabled: bool) -> str:
     parts.append(f'<p class="meta">base model <code>{_esc(cfg.pipeline.model)}</code> vs trained export, '
                  f"{v.num_inference_steps} sampler steps, guidance {v.guidance_scale}, seeds {v.seed} + sample index "
                  "(the same noise for both); values: the run's rewards</p>")
-    from genalign.rewards.composite import _build_reward
+    from genalign.rewards.composite import build_reward
 
     built = []  # the run's instance rewards, built once for both grids
     for item in cfg.rewards:
         try:
-            r = _build_reward(item.name, item.kwargs, {}, device)
+            r = build_reward(item.name, item.kwargs, {}, device)
         except Exception as err:  # weights missing offline, ...
             logger.warning("report: reward %s not available: %s", item.name, err)
             parts.append(f'<p class="note">reward {_esc(item.name)} not scored: {_esc(type(err).__name__)}: '
@@ -266,7 +267,7 @@ def _samples_section(run_dir: Path, cfg, device, enabled: bool) -> str:
             logger.warning("report: no %s samples for %s: %s", which, run_dir, err)
             parts.append(f'<p class="note">{which} samples unavailable: {_esc(type(err).__name__)}: {_esc(err)}</p>')
             continue
-        rows = _read_jsonl(folder / "metadata.jsonl")
+        rows = read_manifest(folder / "metadata.jsonl")
         scores: dict[str, dict] = {}
         for name, reward in built:
             try:

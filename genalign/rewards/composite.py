@@ -23,12 +23,12 @@ normalisation belongs to the trainer, not here.
 from __future__ import annotations
 
 import inspect
-from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from genalign.config import RewardItem
 from genalign.rewards.base import Reward
 from genalign.rewards.normalize import rank_normalize, zscore
 
@@ -40,48 +40,26 @@ class RewardError(RuntimeError):
     """A reward model raised while scoring; the message names the reward."""
 
 
-@dataclass
-class RewardSpec:
-    """One member of a composite reward (a plain dataclass, so configs can be dicts).
+RewardSpec = RewardItem  # one config shape for a reward member everywhere: ``genalign.config.RewardItem``
 
-    Attributes:
-        name: registered reward name (``genalign list rewards``), e.g. ``"pickscore-v1"``.
-        weight: multiplier ``w_k`` applied after normalisation (may be negative).
-        normalize: ``"none"`` | ``"zscore"`` | ``"rank"`` (within-batch) | ``"running"`` (:class:`RunningNorm`).
-        kwargs: constructor arguments of the reward (``weights``, ``tiny``, ``preprocess`` ...).
+
+def coerce_spec(spec: "RewardItem | dict | str") -> RewardItem:
+    """A reward member from a :class:`~genalign.config.RewardItem`, a dict with its fields, or a bare name.
+
+    Raises:
+        TypeError: unknown dict keys (constructor arguments belong in ``kwargs``) or another type.
+        ValueError: an invalid field value (e.g. an unknown ``normalize``).
     """
-
-    name: str
-    weight: float = 1.0
-    normalize: Normalize = "none"
-    kwargs: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.normalize not in _NORMALIZERS:
-            raise ValueError(f"normalize must be one of {_NORMALIZERS}, got {self.normalize!r}")
-        self.weight = float(self.weight)
-        self.kwargs = dict(self.kwargs or {})
-
-    @classmethod
-    def coerce(cls, spec: "RewardSpec | dict | str") -> "RewardSpec":
-        """Accept a ``RewardSpec``, a dict with the same fields, or a bare name.
-
-        Raises:
-            TypeError: unknown dict keys or another type.
-        """
-        if isinstance(spec, RewardSpec):
-            return spec
-        if isinstance(spec, str):
-            return cls(spec)
-        if isinstance(spec, dict):
-            unknown = set(spec) - {"name", "weight", "normalize", "kwargs"}
-            if unknown:
-                raise TypeError(f"unknown RewardSpec fields {sorted(unknown)}; put constructor args in 'kwargs'")
-            return cls(**spec)
-        raise TypeError(f"cannot make a RewardSpec from {type(spec).__name__}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+    if isinstance(spec, RewardItem):
+        return spec
+    if isinstance(spec, str):
+        return RewardItem(name=spec)
+    if isinstance(spec, dict):
+        unknown = set(spec) - set(RewardItem.model_fields)
+        if unknown:
+            raise TypeError(f"unknown reward fields {sorted(unknown)}; put constructor args in 'kwargs'")
+        return RewardItem(**spec)
+    raise TypeError(f"cannot make a reward member from {type(spec).__name__}")
 
 
 class RunningStats(nn.Module):
@@ -186,7 +164,13 @@ class RunningNorm(Reward):
         return self.stats(self.reward(samples, prompts, **conditions))
 
 
-def _build_reward(name: str, kwargs: dict, common: dict, device) -> Reward:
+def build_reward(name: str, kwargs: dict, common: dict, device) -> Reward:
+    """Instantiate the registered reward ``name`` with its ``kwargs`` (strict) and the ``common`` kwargs it accepts
+    (e.g. ``tiny=True``), on ``device``.
+
+    Raises:
+        KeyError: unknown reward name (the known ones are listed). TypeError: a kwarg the reward does not take.
+    """
     from genalign.registry import rewards as REWARDS
 
     cls = REWARDS.get(name)
@@ -265,8 +249,8 @@ class CompositeReward(nn.Module):
         """
         members = []
         for raw in specs:
-            spec = RewardSpec.coerce(raw)
-            reward = _build_reward(spec.name, spec.kwargs, common_kwargs, device)
+            spec = coerce_spec(raw)
+            reward = build_reward(spec.name, spec.kwargs, common_kwargs, device)
             members.append((spec.name, reward, spec.weight, spec.normalize))
         out = cls(members)
         return out.to(device) if device is not None else out
@@ -338,4 +322,4 @@ class CompositeReward(nn.Module):
         return self.forward(samples, prompts, **conditions)
 
 
-__all__ = ["CompositeReward", "RewardSpec", "RunningNorm", "RunningStats", "rank_normalize", "zscore"]
+__all__ = ["CompositeReward", "RewardSpec", "build_reward", "coerce_spec", "RunningNorm", "RunningStats", "rank_normalize", "zscore"]

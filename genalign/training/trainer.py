@@ -432,7 +432,7 @@ class DiffusionTrainer:
             summary["phase_seconds"] = dict(self.log.phase_seconds)
             _atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2))
             if cfg.export.report:
-                from genalign.report import write_report
+                from genalign.evaluation.report import write_report
 
                 with self.log.phase("report"):
                     write_report(self.run_dir, device=acc.device)

@@ -29,7 +29,7 @@ def _images() -> torch.Tensor:
 def test_weighted_sum_and_metrics():
     x = _images()
     comp = CompositeReward.from_specs(
-        [RewardSpec("ink_mass", weight=2.0), {"name": "contrast", "weight": -0.5}], tiny=True
+        [RewardSpec(name="ink_mass", weight=2.0), {"name": "contrast", "weight": -0.5}], tiny=True
     )
     assert comp.names == ["ink_mass", "contrast"]
     total = comp(x)
@@ -53,7 +53,7 @@ def test_weighted_sum_and_metrics():
 def test_zscore_and_rank_normalisation():
     x = _images()
     comp = CompositeReward.from_specs(
-        [RewardSpec("ink_mass", weight=1.0, normalize="zscore"), RewardSpec("contrast", 3.0, "rank")]
+        [RewardSpec(name="ink_mass", weight=1.0, normalize="zscore"), RewardSpec(name="contrast", weight=3.0, normalize="rank")]
     )
     ink, con = InkMass()(x), Contrast()(x)
     z = (ink - ink.mean()) / (ink.std(unbiased=False) + 1e-8)
@@ -90,7 +90,7 @@ def test_duplicate_names_set_rewards_and_errors():
     with pytest.raises(KeyError, match="known"):
         CompositeReward.from_specs(["no-such-reward"])
     with pytest.raises(ValueError):
-        RewardSpec("ink_mass", normalize="minmax")
+        RewardSpec(name="ink_mass", normalize="minmax")
     with pytest.raises(TypeError):
         CompositeReward.from_specs([{"name": "ink_mass", "wieght": 1.0}])
     with pytest.raises(TypeError):  # spec kwargs are strict

@@ -1,4 +1,4 @@
-"""genalign.scoring: folder/jsonl reading, skipped images, per-sample/mean values, jsonl/csv output."""
+"""genalign.evaluation.scoring: folder/jsonl reading, skipped images, per-sample/mean values, jsonl/csv output."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from genalign.rewards.style import InkMass
-from genalign.scoring import collect_samples, score_samples, write_scores
+from genalign.evaluation.scoring import collect_samples, score_samples, write_scores
 
 
 def _write_images(folder, n=3, size=(32, 24)):
