@@ -231,3 +231,54 @@ def test_dpo_and_kto_plumbing_on_audio_latents(sa):
     out = shared_noise_losses(sa, lat, cond4, torch.Generator().manual_seed(0), reduction="mean")
     kto, _ = diffusion_kto_loss(out.losses, out.ref_losses, torch.tensor([1, 0, 1, 0]))
     assert kto.item() == pytest.approx(0.5, abs=1e-6) and out.losses.requires_grad
+
+
+# -- Stable Audio classifier-free guidance = StableAudioPipeline's (issue 14 item 7) ---------------------------
+class _CosineDDIM:
+    """genalign's deterministic cosine DDIM as a scheduler object, so StableAudioPipeline runs the same sampler."""
+
+    order, init_noise_sigma = 1, 1.0
+
+    def set_timesteps(self, num_inference_steps, device=None):
+        self.ts = torch.linspace(1.0, 0.0, num_inference_steps + 1)
+        self.timesteps = self.ts[:-1].clone()
+
+    def scale_model_input(self, x, t):
+        return x
+
+    def step(self, v, t, x, **_):
+        from types import SimpleNamespace
+
+        i = int((self.timesteps - t).abs().argmin())
+        a, s = math.cos(0.5 * math.pi * self.ts[i]), math.sin(0.5 * math.pi * self.ts[i])
+        a2, s2 = math.cos(0.5 * math.pi * self.ts[i + 1]), math.sin(0.5 * math.pi * self.ts[i + 1])
+        return SimpleNamespace(prev_sample=a2 * (a * x - s * v) + s2 * (s * x + a * v))
+
+
+def test_stable_audio_cfg_matches_the_diffusers_pipeline(sa):
+    from diffusers import StableAudioPipeline
+
+    comps = {k: v for k, v in sa.pipe.components.items()}
+    comps["scheduler"] = _CosineDDIM()
+    pipe = StableAudioPipeline(**comps)
+    pipe.set_progress_bar_config(disable=True)
+    prompt, steps, cfg_scale, seed = "a fast chord in A", 4, 4.0, 7
+    noise = torch.randn((8, sa.latent_frames), generator=torch.Generator().manual_seed(seed))[None]
+    with torch.no_grad():
+        want = pipe(prompt, num_inference_steps=steps, guidance_scale=cfg_scale, audio_end_in_s=sa.audio_seconds,
+                    latents=noise.clone(), output_type="latent").audios
+    got = sa.sample_latents([prompt], steps, cfg_scale, [torch.Generator().manual_seed(seed)])
+    assert torch.allclose(got, want, atol=1e-5)  # same seed -> same latents as the pipeline
+    assert torch.allclose(sa.decode(got), sa.decode(want).clamp(-1, 1), atol=1e-5)  # -> same audio
+    # the unconditional branch keeps the global seconds embedding; zeroing it too (the old behaviour) differs
+    cond = sa.encode_prompt([prompt])
+    null = sa.unconditional(cond)
+    assert torch.equal(null["global_hidden_states"], cond["global_hidden_states"])
+    assert null["encoder_hidden_states"].abs().max() == 0
+    old = type(sa).unconditional
+    try:
+        type(sa).unconditional = staticmethod(lambda c: {k: torch.zeros_like(v) for k, v in c.items()})
+        wrong = sa.sample_latents([prompt], steps, cfg_scale, [torch.Generator().manual_seed(seed)])
+    finally:
+        type(sa).unconditional = old
+    assert not torch.allclose(wrong, want, atol=1e-4)

@@ -268,5 +268,8 @@ def test_dragon_runs_two_rounds_with_instance_and_set_rewards(tmp_path):
     assert set(om["win_rate"]) == {"digit_classifier", "exemplar_fd@digits:thick"}
     assert all(0.0 <= v <= 1.0 for v in om["win_rate"].values())
     assert om["terms"]["exemplar_fd@digits:thick"]["before"] <= 0
+    for term in om["terms"].values():  # per-sample win rate with its binomial interval (issue 14 item 10)
+        assert term["ci_low"] <= term["win_rate"] <= term["ci_high"] and term["n"] == 4
+    assert "subset_bootstrap_preference" in om["terms"]["exemplar_fd@digits:thick"]
     assert (tmp_path / "dragon" / "dragon" / "round1.pt").exists()
     json.dumps(s)  # summary is JSON-serialisable
