@@ -182,6 +182,8 @@ class ValidationConfig(Strict):
     max_prompts: int | None = Field(None, ge=1)
     samples_per_prompt: int = Field(4, ge=1)
     every: int = Field(0, ge=0, description="validate every N steps; 0 = only before and after training")
+    every_samples_per_prompt: int | None = Field(
+        None, ge=1, description="samples per prompt of the periodic validations (a cheap budget); None = samples_per_prompt")
     num_inference_steps: int = Field(25, ge=1)
     guidance_scale: float = Field(5.0, ge=0, description="CFG scale (1 = off); 5.0 = MaPO's validation value")
     batch_size: int = Field(16, ge=1)

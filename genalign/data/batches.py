@@ -8,6 +8,9 @@ exactly the batches an uninterrupted run would have. Offline preference data is 
 
 from __future__ import annotations
 
+import hashlib
+import json
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -120,9 +123,10 @@ class CachedPairs:
         return {"latents_w": lw, "latents_l": ll, "cond": cond, "ids": rows}
 
 
-def load_training_pairs(cfg, model, rewards, run_dir: Path, acc) -> PreferencePairs:
+def load_training_pairs(cfg, model, rewards, run_dir: Path, acc, ctx=None) -> PreferencePairs:
     """In-memory pairs: offline preference pairs decoded up front (``data.cache_latents``: small sets), or on-policy
-    pairs generated once (rank 0) and cached in ``RUN_DIR/data``."""
+    pairs generated once (rank 0, with progress through ``ctx``) and cached in ``RUN_DIR/data`` under a fingerprint
+    of the model, the data source, the rewards and the seed (a cache from another run is never reused)."""
     src = cfg.data.source
     if src.kind == "preference":
         return load_preference_pairs(src.source, model.resolution, split=src.split, ties=src.ties,
@@ -131,12 +135,22 @@ def load_training_pairs(cfg, model, rewards, run_dir: Path, acc) -> PreferencePa
     from genalign.data.onpolicy import generate_onpolicy_pairs
     from genalign.data.prompts import load_prompts
 
-    cache = run_dir / "data" / "onpolicy_pairs.pt"
+    key = hashlib.sha256(json.dumps([cfg.pipeline.model_dump(mode="json"), src.model_dump(mode="json"),
+                                     [r.model_dump(mode="json") for r in cfg.rewards], cfg.seed],
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    cache = run_dir / "data" / f"onpolicy_pairs-{key}.pt"
     if acc.is_main_process and not cache.exists():
         # Rank by the composite (weighted, normalised members) unless one reward is named.
         reward = rewards if src.reward is None else _single_reward(cfg, src.reward, acc.device)
-        pairs = generate_onpolicy_pairs(model, reward, load_prompts(src.prompts), src.samples_per_prompt, src.rounds,
-                                        src.min_reward_gap, src.num_inference_steps, src.guidance_scale, seed=cfg.seed)
+        prompts = load_prompts(src.prompts)
+        total = len(prompts) * src.rounds * src.samples_per_prompt
+        progress = ctx.progress("generate pairs", total=total, unit="sample") if ctx is not None else nullcontext(None)
+        # A fresh LoRA adds exactly zero: sample with the base weights alone (model.skip_zero_adapters).
+        with progress as bar, model.skip_zero_adapters():
+            pairs = generate_onpolicy_pairs(
+                model, reward, prompts, src.samples_per_prompt, src.rounds, src.min_reward_gap,
+                src.num_inference_steps, src.guidance_scale, seed=cfg.seed, batch_size=64,
+                progress=(lambda n: bar.update(n * src.samples_per_prompt)) if bar is not None else None)
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")
         torch.save(pairs.__dict__, tmp)
@@ -189,7 +203,7 @@ def build_default_data(ctx, data_kind: str):
             return StreamedPairs(ctx.model, source, t.batch_size, seed=cfg.seed, hflip=src.hflip,
                                  pair_augment=src.pair_augment, random_crop=src.random_crop, num_workers=d.num_workers,
                                  prefetch=d.prefetch, **stream)
-        pairs = load_training_pairs(cfg, ctx.model, ctx.rewards, ctx.run_dir, acc)
+        pairs = load_training_pairs(cfg, ctx.model, ctx.rewards, ctx.run_dir, acc, ctx)
         return CachedPairs(ctx.model, pairs, cache=d.cache_latents, encode_seed=cfg.seed,
                            stream_batch_size=t.batch_size, **stream)
     if data_kind == "prompts":

@@ -8,6 +8,7 @@ machinery (noising, targets, per-sample errors, samplers, LoRA folding) lives in
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -63,13 +64,27 @@ class StepResult:
 
 @dataclass
 class TrainContext:
-    """What an objective may use to build its data: the run config, model, rewards, run folder, accelerator."""
+    """What an objective may use to build its data: the run config, model, rewards, run folder, accelerator, and
+    ``phase(name, total, unit)`` — a context manager yielding an object with ``update(n)`` that shows progress
+    (:meth:`genalign.training.progress.RunLog.phase`; a silent one by default)."""
 
     cfg: Any
     model: Any
     rewards: Any
     run_dir: Path
     accelerator: Any
+    phase: Callable[..., Any] | None = None
+
+    def progress(self, name: str, total: int | None = None, unit: str = "it"):
+        """``with ctx.progress("generate pairs", total=N, unit="sample") as bar: ... bar.update(k)``."""
+        if self.phase is not None:
+            return self.phase(name, total=total, unit=unit)
+        return contextlib.nullcontext(_Silent())
+
+
+class _Silent:
+    def update(self, n: int = 1) -> None:
+        pass
 
 
 class Objective:

@@ -162,6 +162,20 @@ class AudioAdapterMixin:
             finally:
                 set_adapters_enabled(net, True)
 
+    @contextlib.contextmanager
+    def skip_zero_adapters(self) -> Iterator[None]:
+        """Disable LoRA for the block while every LoRA up-projection is zero (it adds nothing); otherwise a no-op."""
+        net = self.denoiser()
+        ups = [p for n, p in net.named_parameters() if "lora_B" in n]
+        if not ups or any(bool(p.detach().ne(0).any()) for p in ups):
+            yield
+            return
+        set_adapters_enabled(net, False)
+        try:
+            yield
+        finally:
+            set_adapters_enabled(net, True)
+
     def pair_extra_cond(self, batch: dict[str, Any]) -> dict[str, Any]:
         return {}
 

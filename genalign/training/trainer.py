@@ -144,10 +144,13 @@ class DiffusionTrainer:
             self.rewards = build_rewards(cfg.rewards, acc.device)
         self.val_prompts = load_prompts(cfg.validation.prompts, cfg.validation.max_prompts)
 
-    def evaluate(self, name: str, save_as: str | None = None) -> dict[str, float]:
+    def evaluate(self, name: str, save_as: str | None = None, periodic: bool = False) -> dict[str, float]:
         """Held-out mean rewards (:func:`~genalign.evaluation.validation.evaluate_rewards`) with progress;
-        ``save_as`` keeps the samples under ``samples/<save_as>/`` for the report."""
+        ``save_as`` keeps the samples under ``samples/<save_as>/`` for the report; ``periodic`` uses the cheaper
+        ``validation.every_samples_per_prompt`` budget (fixed seeds of its own, the same at every validation)."""
         v = self.cfg.validation
+        if periodic and v.every_samples_per_prompt:
+            v = v.model_copy(update={"samples_per_prompt": v.every_samples_per_prompt})
         total = -(-len(self.val_prompts) * v.samples_per_prompt // self.acc.num_processes)
         save_dir = self.run_dir / "samples" / save_as if save_as else None
         with self.log.phase(name, total=total, unit="sample") as ph:
@@ -164,7 +167,8 @@ class DiffusionTrainer:
             cached = json.loads(before_file.read_text())
             if cached.get("fingerprint") == key:
                 return cached["reward"]
-        reward = self.evaluate("evaluate base", save_as="heldout-base")
+        with self.model.skip_zero_adapters():  # a fresh LoRA adds nothing: sample the base weights alone
+            reward = self.evaluate("evaluate base", save_as="heldout-base")
         if self.acc.is_main_process:
             _atomic_write(before_file, json.dumps({"fingerprint": key, "reward": reward}, indent=2))
         return reward
@@ -350,7 +354,7 @@ class DiffusionTrainer:
                 acc.log(self.last_metrics, step=self.step)
         every = self.cfg.validation.every
         if every and self.step % every == 0 and self.step < tcfg.steps:
-            val = self.evaluate(f"validate step {self.step}")
+            val = self.evaluate(f"validate step {self.step}", periodic=True)
             val_metrics = {f"val/reward/{k}": v for k, v in val.items()}
             self.history.append({"step": self.step, **val_metrics})
             logger.info("validation step %d %s", self.step, val)
@@ -372,7 +376,7 @@ class DiffusionTrainer:
         reward_before = self.base_reward()
         with self.log.phase("build data"):
             self.data = self.objective.build_data(
-                TrainContext(self.cfg, self.model, self.rewards, self.run_dir, self.acc))
+                TrainContext(self.cfg, self.model, self.rewards, self.run_dir, self.acc, phase=self.log.phase))
         self.build_optimization()
         self.maybe_resume()
         if self.trackers:
