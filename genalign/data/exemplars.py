@@ -75,8 +75,9 @@ def load_real_samples(model, source, seed: int = 0) -> tuple[torch.Tensor, list[
     """Real samples with captions for the adapter's modality (DDO's real data, ``data.source`` ``kind: images``).
 
     Args:
-        model: the adapter; ``family == "audio"`` reads audio clips at ``model.sample_rate`` cropped / padded to the
-            denoiser's window (``latent_frames · hop_length``), else images at ``model.resolution``.
+        model: the adapter; ``family == "audio"`` reads audio clips at ``model.sample_rate`` with
+            ``model.audio_channels`` channels, cropped / zero-padded to the denoiser's window (``model.clip_samples``),
+            else images at ``model.resolution``.
         source: an :class:`~genalign.config.ImagesData` (``source``: ``digits:train``, an image folder with
             ``metadata.jsonl``, a parquet folder / hub id; or for audio a folder / jsonl of ``{"file_name" |
             "audio", "prompt"}`` rows), with ``max_images`` capping the rows.
@@ -91,10 +92,9 @@ def load_real_samples(model, source, seed: int = 0) -> tuple[torch.Tensor, list[
         :func:`~genalign.data.audio.load_audio_data`.
     """
     if getattr(model, "family", None) == "audio":
-        frames = getattr(model, "latent_frames", None)
-        data = load_audio_data(source.source, model.sample_rate, num_samples=frames * model.hop_length if frames else None)
-        n = source.max_images or len(data.prompts)
-        return data.waveforms[:n], list(data.prompts[:n]), dict(data.skipped)
+        data = load_audio_data(source.source, model.sample_rate, channels=model.audio_channels,
+                               num_samples=model.clip_samples, max_items=source.max_images)
+        return data.waveforms, list(data.prompts), dict(data.skipped)
     data = load_image_data(source.source, getattr(model, "resolution", None) or 8, image_column=source.image_column,
                            caption_column=source.caption_column, max_images=source.max_images, hflip=source.hflip,
                            seed=seed)

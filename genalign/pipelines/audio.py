@@ -147,6 +147,7 @@ class StableAudioAdapter(AudioAdapterMixin):
         self.pipe = pipe
         self.vae = pipe.vae
         self.sample_rate = int(pipe.vae.config.sampling_rate)
+        self.audio_channels = int(pipe.vae.config.audio_channels)
         self.hop_length = int(pipe.vae.hop_length)
         self.latent_frames = int(pipe.transformer.config.sample_size)
         self.audio_seconds = audio_seconds or self.latent_frames * self.hop_length / self.sample_rate

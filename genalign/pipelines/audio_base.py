@@ -84,6 +84,7 @@ class AudioAdapterMixin:
     family = "audio"
     pipe_denoiser = "unet"
     lora_folded = False  # set by fold_lora
+    audio_channels = 1  # waveform channels the VAE / vocoder produce
     _raw_unet: torch.nn.Module | None = None  # set by use_prepared: the unwrapped denoiser
 
     def _setup_trainable(self, net, lora, reference: str, device, weight_dtype, gradient_checkpointing: bool):
@@ -129,6 +130,11 @@ class AudioAdapterMixin:
         net.train()
         if hasattr(self.pipe, "set_progress_bar_config"):
             self.pipe.set_progress_bar_config(disable=True)
+
+    @property
+    def clip_samples(self) -> int:
+        """Waveform samples of one clip in the denoiser's window (``audio_seconds · sample_rate``)."""
+        return int(round(self.audio_seconds * self.sample_rate))
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """LoRA weights, or the whole denoiser for full fine-tunes."""
