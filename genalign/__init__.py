@@ -15,7 +15,23 @@ Registries: ``from genalign.registry import objectives, rewards, pipelines`` (``
 
 from __future__ import annotations
 
+import sys
+import types
+
 from genalign.api import export, generate, load_config, score, train
+
+
+class _Package(types.ModuleType):
+    """Keep ``genalign.export`` the public function: importing the submodule ``genalign.export`` (export folders)
+    would otherwise rebind the package attribute to the module (``from genalign.export import ...`` still works)."""
+
+    def __setattr__(self, name, value):
+        if name == "export" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 __version__ = "0.1.0"
 

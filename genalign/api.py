@@ -48,7 +48,7 @@ def train(cfg: RunConfig | LMRunConfig, run_dir, resume: str | None = None, prog
         cfg: from :func:`load_config`. run_dir: run folder (created).
         resume: None | ``"latest"`` (newest complete checkpoint of ``run_dir``) | a checkpoint folder.
         progress: progress bar / result table.
-        overwrite: start over in a folder holding a previous run (diffusion runs; only genalign's files go).
+        overwrite: start over in a folder holding a previous run (only genalign's run files are removed).
 
     Returns:
         the summary dict (also ``run_dir/summary.json``).
@@ -60,7 +60,7 @@ def train(cfg: RunConfig | LMRunConfig, run_dir, resume: str | None = None, prog
     if isinstance(cfg, LMRunConfig):
         from genalign.training.lm import train_lm  # TRL is an optional dependency ([lm] extra)
 
-        return train_lm(cfg, run_dir, resume=resume, progress=progress)
+        return train_lm(cfg, run_dir, resume=resume, progress=progress, overwrite=overwrite)
     from genalign.training.trainer import train as train_diffusion
 
     return train_diffusion(cfg, run_dir, resume=resume, progress=progress, overwrite=overwrite)
@@ -78,7 +78,7 @@ def _run_family(run_dir: Path) -> str:
 
 def export(run_dir, out_dir, checkpoint: str = "latest") -> Path:
     """Export a run's checkpoint: diffusion runs as a vanilla Diffusers folder + LoRA + model card
-    (:func:`genalign.export.export_run`), LM runs as merged weights + ``adapter/`` (:func:`genalign.training.lm.
+    (:func:`genalign.training.checkpoint.export_checkpoint`), LM runs as merged weights + ``adapter/`` (:func:`genalign.training.lm.
     export_lm_run`). Returns the export folder.
 
     Raises:
@@ -89,9 +89,9 @@ def export(run_dir, out_dir, checkpoint: str = "latest") -> Path:
         from genalign.training.lm import export_lm_run
 
         return Path(export_lm_run(run_dir, out_dir, checkpoint))
-    from genalign.export import export_run
+    from genalign.training.checkpoint import export_checkpoint
 
-    return Path(export_run(run_dir, out_dir, checkpoint))
+    return Path(export_checkpoint(run_dir, out_dir, checkpoint))
 
 
 def generate(model: str, prompts: str, out, steps: int = 25, guidance_scale: float = 1.0, seed: int = 0,

@@ -65,3 +65,21 @@ def test_cli_resume_latest_is_exact(tmp_path):
     # and resuming really continued: the 2-step adapter differs from the 4-step one
     two = load_file(str(part / "checkpoints" / "step_000002" / "adapter_model.safetensors"))
     assert any(not torch.equal(two[k], a[k]) for k in two)
+
+
+def test_lm_runs_follow_the_run_folder_rules(tmp_path, capsys):
+    """A second train into a used folder is refused (no --resume / --overwrite); a resume that changes the run
+    (seed) is refused naming the key; --overwrite starts over; an export never replaces foreign files."""
+    run = tmp_path / "run"
+    sets = [x for s in SMALL + ["train.steps=1"] for x in ("--set", s)]
+    assert main(["train", TREG, "-o", str(run), "--quiet", *sets]) == 0
+    assert main(["train", TREG, "-o", str(run), "--quiet", *sets]) == 2
+    assert "--resume latest" in capsys.readouterr().err
+    assert main(["train", TREG, "-o", str(run), "--quiet", *sets, "--set", "seed=5", "--resume", "latest"]) == 2
+    assert "seed" in capsys.readouterr().err
+    assert main(["train", TREG, "-o", str(run), "--quiet", *sets, "--overwrite"]) == 0
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    assert main(["export", str(run), str(foreign)]) == 2
+    assert (foreign / "notes.txt").read_text() == "keep me"

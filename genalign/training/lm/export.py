@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -12,15 +13,17 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
 from genalign.config import load_config
+from genalign.export import EXPORT_MARKER, ExportRefusedError, recover_export_swap
 from genalign.training import checkpoint as ckpt
 from genalign.training.lm.model import build_bundle
 
 __all__ = ["export_lm", "export_lm_run", "load_lm_for_run"]
 
-EXPORT_MARKER = ".genalign-export"
 
 
 def _swap_in(tmp: Path, out: Path) -> None:
+    """``OUT → OUT.old``, ``OUT.tmp-* → OUT``, drop ``OUT.old`` (a kill in between is repaired by
+    :func:`genalign.export.recover_export_swap`)."""
     old = out.with_name(out.name + ".old")
     if old.exists():
         shutil.rmtree(old)
@@ -33,7 +36,7 @@ def _swap_in(tmp: Path, out: Path) -> None:
 
 def export_lm(model, processing_class, out_dir: str | Path, cfg=None, summary: dict | None = None,
               merge_lora: bool = True) -> Path:
-    """Write an LM export folder atomically (``OUT.tmp`` then rename).
+    """Write an LM export folder atomically (``OUT.tmp-*`` then rename; only a previous export is replaced).
 
     Args:
         model: the trained model (``PeftModel`` or plain ``PreTrainedModel``); a ``PeftModel`` is merged in place
@@ -45,17 +48,31 @@ def export_lm(model, processing_class, out_dir: str | Path, cfg=None, summary: d
 
     Raises:
         ValueError: non-finite weights (nothing is written).
+        ExportRefusedError: ``out_dir`` holds files genalign did not export (never replaced).
 
     Library: transformers ``save_pretrained``, peft ``merge_and_unload``.
     """
     out = Path(out_dir)
     for n, p in model.named_parameters():
         if p.requires_grad and not torch.isfinite(p).all():
-            raise ValueError(f"refusing to export non-finite weights ({n})")
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+            raise ValueError(f"export: trained tensor {n} holds NaN/inf; nothing exported")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / EXPORT_MARKER).exists())):
+        raise ExportRefusedError(f"{out}: holds files genalign did not export (no {EXPORT_MARKER}); refusing to "
+                                 "replace it — choose an empty or new folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    recover_export_swap(out)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    (tmp / EXPORT_MARKER).write_text(json.dumps({"family": "lm"}) + "\n")  # first: a stale temp is recognisably ours
+    try:
+        _write(model, processing_class, tmp, cfg, summary, merge_lora)
+        _swap_in(tmp, out)
+    except BaseException:  # disk full, kill, bad weights: the destination stays as it was
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write(model, processing_class, tmp: Path, cfg, summary, merge_lora: bool) -> None:
     is_peft = hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")
     if is_peft:
         model.save_pretrained(tmp / "adapter")
@@ -66,16 +83,14 @@ def export_lm(model, processing_class, out_dir: str | Path, cfg=None, summary: d
         processing_class.save_pretrained(tmp)
     lines = ["# genalign language-model export", ""]
     if cfg is not None:
+        lora = cfg.pipeline.lora.model_dump() if cfg.pipeline.lora else "none (full fine-tune)"
         lines += [f"- objective: `{cfg.objective.name}` ({json.dumps(cfg.objective.model_dump())})",
-                  f"- base model: `{cfg.pipeline.model}`", f"- LoRA: {cfg.pipeline.lora.model_dump() if cfg.pipeline.lora else 'none (full fine-tune)'}"]
+                  f"- base model: `{cfg.pipeline.model}`", f"- LoRA: {lora}"]
     if summary:
         lines += [f"- steps: {summary.get('steps')}, last loss: {summary.get('last_loss')}"]
     lines += ["", "Load: `AutoModelForCausalLM.from_pretrained(this_folder)` (video-LMs: "
               "`AutoModelForImageTextToText`); the adapter alone: `PeftModel.from_pretrained(base, 'adapter')`."]
     (tmp / "README.md").write_text("\n".join(lines) + "\n")
-    (tmp / EXPORT_MARKER).write_text("lm\n")
-    _swap_in(tmp, out)
-    return out
 
 
 def load_lm_for_run(cfg, checkpoint_dir: str | Path | None = None):

@@ -23,6 +23,7 @@ from genalign.config import ConfigError, LMRunConfig, save_config
 from genalign.data.video import VideoPreferenceCollator, filter_readable, read_preference_jsonl
 from genalign.registry import objectives as OBJECTIVES
 from genalign.training import checkpoint as ckpt
+from genalign.training import run_folder
 from genalign.training.lm.export import export_lm
 from genalign.training.lm.model import build_bundle, peft_and_reference
 from genalign.training.lm.synthetic import make_arithmetic_preference_rows
@@ -106,7 +107,8 @@ def load_rows(cfg: LMRunConfig, tagged: bool = False) -> tuple[list[dict], list[
     return out[0], out[1]
 
 
-def train_lm(cfg: LMRunConfig, run_dir: str | Path, resume: str | None = None, progress: bool = True) -> dict:
+def train_lm(cfg: LMRunConfig, run_dir: str | Path, resume: str | None = None, progress: bool = True,
+             overwrite: bool = False) -> dict:
     """Train an LM objective with TRL and write the run folder; returns the summary (also ``summary.json``).
 
     Args:
@@ -114,6 +116,7 @@ def train_lm(cfg: LMRunConfig, run_dir: str | Path, resume: str | None = None, p
         run_dir: run folder (created). resume: None, ``"latest"`` (newest complete checkpoint; fresh start if
             none) or a checkpoint folder.
         progress: show TRL's progress bar.
+        overwrite: start over in a folder holding a previous run (only genalign's run files are removed).
 
     Returns:
         summary: ``objective``, ``steps``, ``train_loss``, ``first_loss``, ``last_loss``, ``log_history``,
@@ -123,11 +126,23 @@ def train_lm(cfg: LMRunConfig, run_dir: str | Path, resume: str | None = None, p
     Raises:
         ConfigError: unreadable data file, unknown ``train.trl`` key. ModelUnavailableError: model not obtainable.
         FileNotFoundError: an explicit ``resume`` path that is not a complete checkpoint.
+        RunFolderError: a non-empty folder without ``resume`` / ``overwrite``, a folder another run holds, or a
+            resume whose config changes the run (:mod:`genalign.training.run_folder`, as for diffusion runs).
     """
-    t0 = time.time()
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_folder.prepare_run_folder(run_dir, resume, overwrite)
+    lock = run_folder.lock_run_folder(run_dir)
+    try:
+        return _train_locked(cfg, run_dir, resume, progress)
+    finally:
+        lock.release()
+
+
+def _train_locked(cfg: LMRunConfig, run_dir: Path, resume: str | None, progress: bool) -> dict:
+    t0 = time.time()
     resume_dir = ckpt.resolve_resume(run_dir, resume)
+    if resume_dir is not None:
+        run_folder.check_resume_config(resume_dir, cfg.model_dump(mode="json"))
     save_config(cfg, run_dir / "config.yaml")
     ckpt.prune_checkpoints(run_dir, None)  # stale .tmp-* staging folders of a killed run
     obj_cls = OBJECTIVES.get(cfg.objective.name)
