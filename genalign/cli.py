@@ -293,6 +293,8 @@ def _quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``genalign`` console script; returns the exit status."""
     args = _parser().parse_args(argv)
+    if args.command == "list":  # names + descriptions from the registry's static table: no torch import
+        return _cmd_list(args)
     _quiet_libraries()
     from genalign.config import ConfigError
     from genalign.rewards.base import WeightsNotFoundError
