@@ -8,7 +8,8 @@
   and from the exported model, and reports the Frechet distance to the 360 held-out real digits
   (:func:`genalign.rewards.digits.digits_frechet_distance`) before and after.
 - **dragon**: trains ``configs/dragon_digits.yaml`` and reports the objective's per-term reward before/after and the
-  win rate vs the base (``summary.json`` → ``objective_metrics``), plus the held-out FD as a fidelity check.
+  per-sample win rate vs the base with its Wilson 95 % interval (``summary.json`` → ``objective_metrics``; set terms
+  also list the subset-bootstrap preference, which is not a win rate), plus the held-out FD as a fidelity check.
 
 Writes ``OUT/<which>/evidence.json`` and prints a Markdown table.
 """
@@ -76,8 +77,9 @@ def main() -> int:
         print(f"| held-out reward {k} | {v:.4f} | {summary['reward_after'][k]:.4f} |")
     om = summary.get("objective_metrics") or {}
     for name, t in (om.get("terms") or {}).items():
+        extra = f"; subset-bootstrap preference {t['subset_bootstrap_preference']:.2f}" if t["kind"] == "set" else ""
         print(f"| {name} ({t['kind']}, n={t['n']}) | {t['before']:.4f} | {t['after']:.4f} |  win rate "
-              f"{t['win_rate']:.3f} ({t['method']})")
+              f"{t['win_rate']:.3f} [{t['ci_low']:.3f}, {t['ci_high']:.3f}] ({t['method']}){extra}")
     return 0
 
 

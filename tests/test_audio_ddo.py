@@ -60,3 +60,13 @@ def test_ddo_trains_on_a_folder_of_audio_clips(tmp_path, rounds):
     f0 = torch.load(tmp_path / "run" / "ddo" / "fakes_round0.pt", weights_only=True)
     assert f0["latents"].shape == (4, 8, 64)  # reference samples in the (C, T) audio latent space
     assert s["objective_metrics"]["final_round"] == 1
+
+
+def test_ddo_stable_audio_recipe_validates():
+    from pathlib import Path
+
+    from genalign.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "ddo_stable_audio.yaml")
+    assert cfg.pipeline.name == "stable_audio" and cfg.objective.name == "ddo"
+    assert cfg.data.source.kind == "images" and cfg.train.mixed_precision == "no"

@@ -453,15 +453,14 @@ class DDO(Objective):
             NotImplementedError: LoRA with ``reference: frozen_copy``.
         """
         raw = self.model.denoiser()
-        lora = getattr(self.model, "lora", None)
-        if getattr(self.model, "ref_unet", None) is None:
+        if self.model.ref_unet is None:
             snap = trainable_snapshot(raw)
             torch.manual_seed(self.seed * 1009 + self.round)  # deterministic re-initialisation of LoRA A
             if self.model.fold_lora(reset=True) == 0:
                 raise RuntimeError("ddo rounds: reference adapter_off but the network has no LoRA layers")
             self.merged.append(snap)
         else:
-            if lora is not None:
+            if self.model.lora is not None:
                 raise NotImplementedError("ddo rounds with LoRA need reference: adapter_off (frozen_copy is for "
                                           "full fine-tunes)")
             self.model.ref_unet.load_state_dict(raw.state_dict())  # one cast to the frozen copy's dtype
@@ -485,7 +484,7 @@ class DDO(Objective):
         for snap in self.merged:
             self.model.fold_lora(snap, reset=False)
         self.ref_state = dict(state.get("ref_state", {}))
-        if self.ref_state and getattr(self.model, "ref_unet", None) is not None:
+        if self.ref_state and self.model.ref_unet is not None:
             self.model.ref_unet.load_state_dict(self.ref_state)
         self.best.best = dict(state.get("best", {}))
         self._fakes = None

@@ -235,8 +235,7 @@ class StableAudioAdapter(AudioAdapterMixin):
         """
         n = len(prompts)
         gens = generator if isinstance(generator, list) else [generator] * n
-        shape = (self.pipe.transformer.config.in_channels if hasattr(self.pipe, "transformer") else self.pipe.unet.config.in_channels,
-                 self.latent_frames)
+        shape = (self.pipe.transformer.config.in_channels, self.latent_frames)
         x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(self.device)
         cond = self.encode_prompt(prompts)
         ctx = self.reference() if use_reference else contextlib.nullcontext(self.denoiser())
