@@ -12,5 +12,6 @@ import genalign.rewards.clip  # noqa: F401  pickscore-v1, hps-v2.1, hps-v2.0, cl
 import genalign.rewards.aesthetic  # noqa: F401  laion-aesthetic-v2 (+ alias aesthetic)
 import genalign.rewards.imagereward  # noqa: F401  imagereward-v1.0 (+ alias imagereward)
 import genalign.rewards.clap  # noqa: F401  clap (transformers ClapModel, torch log-mel)
+import genalign.rewards.music  # noqa: F401  music_key, music_style, music_clap (the builtin:music demo)
 import genalign.rewards.condition  # noqa: F401  condition rewards: digit_stroke_mask, soft_edges, canny, dpt_depth
 import genalign.rewards.segmentation  # noqa: F401  segmentation rewards: segformer, upernet, mask2former
