@@ -222,6 +222,16 @@ def _fit(x: torch.Tensor, n: int) -> torch.Tensor:
     return x[:, :n] if x.shape[1] >= n else torch.nn.functional.pad(x, (0, n - x.shape[1]))
 
 
+def _read_fixed(path: Path, sample_rate: int, channels: int, num_samples: int | None):
+    """``(waveform, num_samples)``: a clip cropped / padded to ``num_samples`` (the first readable clip fixes it when
+    None), or ``(None, num_samples)`` when the file cannot be read (the caller counts it)."""
+    try:
+        x, _ = read_audio(path, sample_rate, channels, num_samples)
+    except Exception:  # missing, undecodable, empty: skipped and counted, never a crash
+        return None, num_samples
+    return (x, num_samples) if num_samples is not None else (_fit(x, x.shape[1]), x.shape[1])
+
+
 def load_audio_prompts(source: str | Path) -> list[str]:
     """Prompts of an audio jsonl (field ``prompt``) or a ``.txt`` file (one per line).
 
@@ -264,12 +274,8 @@ def load_audio_data(source: str | Path, sample_rate: int, channels: int = 1, num
         if row.get(caption_column) is None or col not in row:
             skipped["missing_caption"] += 1
             continue
-        try:
-            x, _ = read_audio(path.parent / row[col], sample_rate, channels, num_samples)
-            if num_samples is None:
-                num_samples = x.shape[1]
-                x = _fit(x, num_samples)
-        except Exception:
+        x, num_samples = _read_fixed(path.parent / row[col], sample_rate, channels, num_samples)
+        if x is None:
             skipped["unreadable_audio"] += 1
             continue
         waves.append(x)
@@ -298,12 +304,8 @@ def load_exemplar_folder(folder: str | Path, sample_rate: int = 44_100, channels
     for f in files:
         if max_items and len(waves) >= max_items:
             break
-        try:
-            x, _ = read_audio(f, sample_rate, channels, num_samples)
-            if num_samples is None:
-                num_samples = x.shape[1]
-                x = _fit(x, num_samples)
-        except Exception:
+        x, num_samples = _read_fixed(f, sample_rate, channels, num_samples)
+        if x is None:
             skipped["unreadable_audio"] += 1
             continue
         waves.append(x)
