@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from genalign.config import ConfigError
 from genalign.data.segments import segment_ids_from_diff, segment_ids_from_tags, tag_token_variants
 
 logger = logging.getLogger(__name__)
@@ -151,33 +152,50 @@ def probe_video(path: str, num_frames: int = 1, video_root: str | None = None) -
         return False
 
 
-def read_preference_jsonl(path: str) -> list[dict]:
-    """Read video preference rows.
+def read_preference_jsonl(path: str, counts: Counter | None = None) -> list[dict]:
+    """Read video preference rows; malformed rows are skipped, counted and logged (never fatal).
+
+    Args:
+        path: jsonl file. counts: optional ``Counter`` receiving ``bad_rows/<reason>`` counts.
 
     Returns:
-        list of dicts with at least ``prompt``, ``video``, ``chosen``, ``rejected`` (``media_path`` is accepted as
-        an alias of ``video``, as in the official RRPO loader; ``question`` / ``answer`` / ``pred`` as aliases of
-        prompt / chosen / rejected).
+        list of dicts with at least ``prompt``, ``video``, ``chosen``, ``rejected`` (strings; ``media_path`` is
+        accepted as an alias of ``video``, as in the official RRPO loader; ``question`` / ``answer`` / ``pred`` as
+        aliases of prompt / chosen / rejected).
 
     Raises:
-        ValueError: a line that is not JSON or lacks a required field (message gives the line number).
+        ConfigError: the file does not exist or cannot be read (one line naming it).
     """
     aliases = {"media_path": "video", "question": "prompt", "answer": "chosen", "pred": "rejected"}
+    counts = counts if counts is not None else Counter()
     rows = []
-    with open(path) as f:
+    try:
+        f = open(path)
+    except OSError as err:
+        raise ConfigError(f"data: {path}: cannot read ({err.strerror or err})") from None
+    with f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n}: not valid JSON ({err})") from err
-            for a, b in aliases.items():
-                if a in row and b not in row:
-                    row[b] = row.pop(a)
-            missing = {"prompt", "video", "chosen", "rejected"} - set(row)
-            if missing:
-                raise ValueError(f"{path}:{n}: missing fields {sorted(missing)}")
+            except json.JSONDecodeError:
+                reason = "not_json"
+            else:
+                reason = None if isinstance(row, dict) else "not_an_object"
+            if reason is None:
+                for a, b in aliases.items():
+                    if a in row and b not in row:
+                        row[b] = row.pop(a)
+                missing = {"prompt", "video", "chosen", "rejected"} - set(row)
+                if missing:
+                    reason = "missing_" + "_".join(sorted(missing))
+                elif not all(isinstance(row[k], str) for k in ("prompt", "video", "chosen", "rejected")):
+                    reason = "non_string_field"
+            if reason is not None:
+                counts[f"bad_rows/{reason}"] += 1
+                logger.warning("%s:%d: skipped (%s)", path, n, reason)
+                continue
             rows.append(row)
     return rows
 

@@ -83,3 +83,21 @@ def test_lm_runs_follow_the_run_folder_rules(tmp_path, capsys):
     (foreign / "notes.txt").write_text("keep me")
     assert main(["export", str(run), str(foreign)]) == 2
     assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_malformed_lm_rows_are_counted_skips_and_a_missing_file_is_one_line(tmp_path, capsys):
+    good = [{"prompt": f"{a}+1=", "chosen": str(a + 1), "rejected": str(a + 2)} for a in range(10, 14)]
+    bad = ['{"prompt": "1+1=", "chosen": null, "rejected": "3"}', '[1, 2]', '"a string"', '{"prompt": 7}',
+           'not json {', '{"prompt": "2+2=", "chosen": 4, "rejected": "5"}', '{"prompt": "x", "chosen": "y", "rejected": "y"}']
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join([json.dumps(r) for r in good] + bad) + "\n")
+    common = ["--set", "data.synthetic=null", "--set", "train.steps=1", "--set", "train.batch_size=2", "--quiet"]
+    assert main(["train", TREG, "-o", str(tmp_path / "run"), "--set", f"data.train={data}", *common]) == 0
+    counts = json.loads((tmp_path / "run" / "summary.json").read_text())["counts"]
+    assert sum(v for k, v in counts.items() if k.startswith("bad_rows/")) == len(bad)
+    assert counts["bad_rows/not_json"] == 1 and counts["bad_rows/identical_chosen_rejected"] == 1
+    capsys.readouterr()
+    assert main(["train", TREG, "-o", str(tmp_path / "run2"), "--set", f"data.train={tmp_path / 'nope.jsonl'}",
+                 *common]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nope.jsonl" in err

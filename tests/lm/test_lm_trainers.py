@@ -310,3 +310,32 @@ def test_full_configs_parse(tmp_path):
     assert (cfg.objective_params().alpha, cfg.objective_params().beta) == (0.01, 0.1)
     assert cfg.train.learning_rate == 5e-6 and cfg.data.num_frames == 16
     assert (cfg.pipeline.lora.rank, cfg.pipeline.lora.alpha) == (128, 256)
+
+
+def test_dpo_objective_equals_trl_dpo_loss_and_gradients(tmp_path, tok):
+    """genalign's DPO through PreferenceTrainer (reference forward first) gives TRL 1.16 DPOTrainer's sigmoid loss
+    and LoRA gradients on the same batch (policy forward first in TRL)."""
+    from trl import DPOTrainer
+
+    rows = make_arithmetic_preference_rows(4, seed=5)
+    torch.manual_seed(0)
+    base = build_tiny_llama(tok, seed=3)
+    out = {}
+    for name in ("trl", "genalign"):
+        model = copy.deepcopy(base)
+        kw = dict(args=_args(tmp_path / name, steps=1), train_dataset=Dataset.from_list(rows), processing_class=tok,
+                  peft_config=lora_config(r=4, alpha=8))
+        tr = DPOTrainer(model, **kw) if name == "trl" else PreferenceTrainer(model, objective=DPO(), **kw)
+        for n, p in tr.model.named_parameters():
+            if "lora_B" in n:  # a non-zero adapter so policy ≠ reference
+                torch.manual_seed(len(n))
+                p.data.normal_(0, 0.05)
+        batch = next(iter(tr.get_train_dataloader()))
+        tr.model.train()
+        loss = tr.compute_loss(tr.model, batch)
+        loss.backward()
+        out[name] = (loss.detach(), {n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None})
+    (l1, g1), (l2, g2) = out["trl"], out["genalign"]
+    assert abs(l1.item() - math.log(2)) > 1e-4  # the adapter moved the policy
+    assert torch.allclose(l1, l2, atol=1e-6)
+    assert g1.keys() == g2.keys() and all(torch.allclose(g1[k], g2[k], atol=1e-6) for k in g1)

@@ -66,25 +66,52 @@ def dpo_args(cfg: LMRunConfig, run_dir: Path, progress: bool = True) -> DPOConfi
     return DPOConfig(**kw)
 
 
-def _read_jsonl(path: str) -> list[dict]:
+def _text_row_problem(row) -> str | None:
+    """Why a text preference row cannot be used (None if it can): TRL needs prompt/chosen/rejected as strings (or
+    message lists for conversational data)."""
+    if not isinstance(row, dict):
+        return "not_an_object"
+    missing = {"prompt", "chosen", "rejected"} - set(row)
+    if missing:
+        return "missing_" + "_".join(sorted(missing))
+    kinds = {type(row[k]) for k in ("prompt", "chosen", "rejected")}
+    if not (kinds == {str} or kinds == {list}):
+        return "prompt_chosen_rejected_not_all_strings_or_all_message_lists"
+    if row["chosen"] == row["rejected"]:
+        return "identical_chosen_rejected"
+    return None
+
+
+def _read_jsonl(path: str, counts: Counter) -> list[dict]:
+    """Rows of a text preference jsonl; malformed rows are skipped and counted (``bad_rows/<reason>``)."""
     rows = []
     try:
-        with open(path) as f:
-            for n, line in enumerate(f, start=1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise ConfigError(f"{path}:{n}: not valid JSON ({err.msg})") from None
-    except FileNotFoundError:
-        raise ConfigError(f"data: {path}: file not found") from None
+        f = open(path)
+    except OSError as err:
+        raise ConfigError(f"data: {path}: cannot read ({err.strerror or err})") from None
+    with f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row, why = None, "not_json"
+            else:
+                why = _text_row_problem(row)
+            if why:
+                counts[f"bad_rows/{why}"] += 1
+                logger.warning("%s:%d: skipped (%s)", path, n, why)
+                continue
+            rows.append(row)
     return rows
 
 
-def load_rows(cfg: LMRunConfig, tagged: bool = False) -> tuple[list[dict], list[dict] | None]:
-    """``(train_rows, eval_rows or None)`` from ``data.synthetic`` or ``data.train`` / ``data.eval``.
-
-    Rows missing ``prompt``/``chosen``/``rejected`` are skipped and counted (logged)."""
+def load_rows(cfg: LMRunConfig, tagged: bool = False, counts: Counter | None = None
+              ) -> tuple[list[dict], list[dict] | None]:
+    """``(train_rows, eval_rows or None)`` from ``data.synthetic`` or ``data.train`` / ``data.eval``; malformed
+    rows are skipped and counted in ``counts`` (``bad_rows/<reason>``)."""
+    counts = counts if counts is not None else Counter()
     d = cfg.data
     if d.synthetic is not None:
         s = d.synthetic
@@ -92,19 +119,9 @@ def load_rows(cfg: LMRunConfig, tagged: bool = False) -> tuple[list[dict], list[
         tr = make_arithmetic_preference_rows(s.n_train, seed=s.seed, exclude={(r["a"], r["b"]) for r in ev},
                                              tagged=tagged)
         return tr, ev or None
-    if cfg.pipeline.name == "video_language":
-        return read_preference_jsonl(d.train), read_preference_jsonl(d.eval) if d.eval else None
-    out = []
-    for path in (d.train, d.eval):
-        if path is None:
-            out.append(None)
-            continue
-        rows = _read_jsonl(path)
-        good = [r for r in rows if isinstance(r, dict) and {"prompt", "chosen", "rejected"} <= set(r)]
-        if len(good) < len(rows):
-            logger.warning("%s: skipped %d rows without prompt/chosen/rejected", path, len(rows) - len(good))
-        out.append(good)
-    return out[0], out[1]
+    read = (lambda p: read_preference_jsonl(p, counts)) if cfg.pipeline.name == "video_language" else \
+        (lambda p: _read_jsonl(p, counts))
+    return read(d.train), read(d.eval) if d.eval else None
 
 
 def train_lm(cfg: LMRunConfig, run_dir: str | Path, resume: str | None = None, progress: bool = True,
@@ -151,9 +168,9 @@ def _train_locked(cfg: LMRunConfig, run_dir: Path, resume: str | None, progress:
     bundle = build_bundle(cfg)
     model, proc, tok = bundle.model, bundle.processing_class, bundle.tokenizer
     opts = objective.collator_options()
-    train_rows, eval_rows = load_rows(cfg, tagged=opts.get("segment_mode") == "tags")
-    args = dpo_args(cfg, run_dir, progress)
     counts: Counter = Counter()
+    train_rows, eval_rows = load_rows(cfg, tagged=opts.get("segment_mode") == "tags", counts=counts)
+    args = dpo_args(cfg, run_dir, progress)
     collator = None
     if bundle.kind == "video":
         d = cfg.data

@@ -87,12 +87,12 @@ class _Forward(TokenForward):
             return self._cache
         labels = self.inputs["input_ids"].masked_fill(self.inputs["completion_mask"] == 0, -100)
         T = self.mask.size(1)
-        logps = self.model(**self.model_kwargs, labels=labels, fused_lm_head=True).log_probs[:, -T:].float()
-        if self.t.precompute_ref_logps:
-            self._cache = logps, None, (self.inputs["ref_chosen_logps"], self.inputs["ref_rejected_logps"])
-        else:
+        ref = None
+        if not self.t.precompute_ref_logps:  # reference first: its activations are gone before the policy graph
             ref = self.reference_forward(labels=labels, fused_lm_head=True).log_probs[:, -T:].float()
-            self._cache = logps, ref, None
+        logps = self.model(**self.model_kwargs, labels=labels, fused_lm_head=True).log_probs[:, -T:].float()
+        sums = None if ref is not None else (self.inputs["ref_chosen_logps"], self.inputs["ref_rejected_logps"])
+        self._cache = logps, ref, sums
         return self._cache
 
     def token_logps_and_kl(self, chunk_size: int):
