@@ -33,11 +33,15 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_model_path(model: str) -> str:
-    """``builtin:digits`` → the shipped folder; other strings are returned unchanged (folder or hub id)."""
+    """``builtin:digits`` / ``builtin:music`` → the shipped folder; other strings are returned unchanged (folder or hub id)."""
     if model == "builtin:digits":
         from genalign.pipelines.digits import digits_base_path
 
         return str(digits_base_path())
+    if model == "builtin:music":
+        from genalign.pipelines.music import music_base_path
+
+        return str(music_base_path())
     return model
 
 
