@@ -8,7 +8,8 @@ import torch
 
 from genalign.config import load_config
 from genalign.objectives.di_star import DiffInstructStar, di_star_generator_loss, frozen_parameters
-from genalign.objectives.r0 import R0, lora_pairs
+from genalign.objectives.r0 import R0
+from genalign.pipelines.lora import lora_layers
 from genalign.pipelines.few_step import build_few_step
 from genalign.pipelines.tiny import tiny_sd_pipeline
 from genalign.training import checkpoint as ckpt
@@ -185,7 +186,7 @@ def test_di_star_lora_teacher_is_adapter_off_and_fake_is_base():
             if "lora_B" in n:
                 p.add_(0.1 * torch.randn_like(p))
     x, t, cond = torch.randn(2, 4, 8, 8), torch.tensor([100, 700]), model.encode_prompt(PROMPTS[:2])
-    with obj.teacher() as teacher, torch.no_grad():
+    with obj.model.reference_with_grad() as teacher, torch.no_grad():
         t_out = model.predict(x, t, cond, unet=teacher)
     base = tiny_sd_pipeline().unet
     with torch.no_grad():
@@ -228,8 +229,8 @@ def test_r0_lora_regulariser_is_the_merged_delta():
         for n, p in unet.named_parameters():
             if "lora_B" in n:
                 p.add_(0.1 * torch.randn_like(p))
-    pairs = lora_pairs(unet)
-    assert len(pairs) > 0 and all(s == 2.0 for _, _, s in pairs)
+    pairs = list(lora_layers(unet))
+    assert len(pairs) > 0 and all(layer.scaling["default"] == 2.0 for _, layer in pairs)
     base = {n: p.detach().clone() for n, p in tiny_sd_pipeline().unet.named_parameters()}
     merged = copy.deepcopy(unet)
     merged.fuse_lora()

@@ -5,8 +5,7 @@ import warnings
 import pytest
 import torch
 
-from genalign.objectives.di_star import x0_from_noise
-from genalign.pipelines.few_step import build_few_step, few_step_scheduler, few_step_timesteps
+from genalign.pipelines.few_step import build_few_step, few_step_scheduler, few_step_timesteps, x0_from_noise
 from genalign.pipelines.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 PROMPTS = ["a handwritten digit 3", "the number 7, written by hand"]

@@ -11,7 +11,7 @@ member)::
     L(θ)    = −Σ_k β_k·mean_b R(decode(x̂0^(k)), c) + λ·Σ_layers ‖θ − θ0‖²
 
 There is no training code and the method section could not be read: **everything here is a reconstruction**
-([recon] / [unknown → rec.], ``R0Config``) built from the abstracts, figure captions and reviews — the rollout
+([recon] / [unknown → rec.], the fields of :class:`R0.Config`) built from the abstracts, figure captions and reviews — the rollout
 form (flow: x_{t'} = (1 − t')x̂0 + t'(sqrt(1 − η²)ε̂ + ηξ); VP: DDIM(η)), η ~ U[0, 1] in training and 0 at
 inference, batch standardisation of each reward, equal reward weights, λ = 1e-3 on the summed squared delta, the
 step weights (R0: final step only; R0+: uniform 1/K), truncated back-propagation and the optional Langevin
@@ -21,51 +21,29 @@ perturbation of the v2 "reward-tilted parameter distribution" framing. Only K = 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
+from pydantic import Field, model_validator
+
+from genalign.objectives.base import LossOutput, Objective, ObjectiveParams, Phase
+from genalign.pipelines.few_step import require_few_step
+from genalign.pipelines.lora import lora_delta, lora_layers
+from genalign.registry import objectives as OBJECTIVES
+from genalign.rewards.normalize import zscore
 
 __all__ = [
-    "R0Config",
     "normalize_rewards",
     "composite_reward",
     "weight_regularizer",
+    "delta_regularizer",
     "lora_delta_regularizer",
     "resolve_step_weights",
     "r0_generator_loss",
     "sample_eta",
-    "flow_predictions_from_velocity",
-    "flow_random_eta_step",
-    "ddim_random_eta_step",
-    "rollout",
     "langevin_perturb_",
+    "R0",
 ]
-
-
-@dataclass
-class R0Config:
-    """R0 hyperparameters with provenance tags (see /work/shared/methods/r0.md §3)."""
-
-    num_steps: int = 4  # [paper] K = 4 (Table 1)
-    step_times: Optional[List[float]] = None  # [unknown → rec.] None ⇒ the pipeline scheduler's own K-step schedule
-    eta_range: Tuple[float, float] = (0.0, 1.0)  # [unknown → rec.] η ~ U[η_lo, η_hi] per sample in training
-    eta_inference: float = 0.0  # [unknown → rec.] deterministic at inference (flow backbones)
-    rewards: Tuple[str, ...] = ("hpsv2.1", "imagereward", "clipscore")  # [2nd] members
-    reward_weights: Optional[Dict[str, float]] = None  # [unknown → rec.] None ⇒ equal weights after normalisation
-    normalization: str = "batch"  # [recon] batch standardisation (detached stats) | "fixed" | "none"
-    normalization_eps: float = 1e-6  # [recon]
-    weight_reg: float = 1e-3  # [unknown → rec.] λ on Σ‖θ − θ0‖² (LoRA: merged delta)
-    step_weights: str = "final"  # [recon] "final" (R0) | "uniform" (R0+ intermediate supervision, β_k = 1/K)
-    backprop_steps: Optional[int] = None  # [recon] None ⇒ back-propagate through the whole K-step chain
-    langevin_tau: float = 0.0  # [recon] v2 framing: θ ← θ + sqrt(2·lr·τ)·ξ after each update (0 = off)
-    learning_rate: float = 1e-5  # [unknown → rec.] AdamW, LoRA (1e-6 full fine-tune)
-    batch_size: int = 16  # [unknown → rec.] ≥ 16 prompts
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Composite reward
-# --------------------------------------------------------------------------------------------------------------
 
 
 def normalize_rewards(
@@ -79,12 +57,13 @@ def normalize_rewards(
     Args:
         rewards: (B,) raw reward r_m (higher is better), with graph.
         mode: "batch" (reconstruction/recommendation: (r − μ)/(σ + eps) with the batch mean and the population
-            std, both detached, so ∂R_b/∂r_b = 1/(σ + eps) and there are no cross-sample terms); "fixed"
+            std, both detached, so ∂R_b/∂r_b = 1/(σ + eps) and there are no cross-sample terms:
+            :func:`genalign.rewards.normalize.zscore` with ``detach_stats=True``); "fixed"
             ((r − μ)/(σ + eps) with ``stats = (μ, σ)`` given); "none" (identity).
         eps: reconstruction/recommendation 1e-6.
 
     Returns:
-        (B,) fp32. With mode "batch", B = 1 gives σ = 0 and therefore (r − r)/eps = 0 (log a warning upstream).
+        (B,) fp32. With mode "batch", B = 1 gives 0 (and no gradient).
 
     Raises:
         ValueError: rewards not 1-D / empty, unknown mode, missing stats for "fixed", eps < 0.
@@ -97,17 +76,15 @@ def normalize_rewards(
     if mode == "none":
         return r
     if mode == "batch":
-        mu = r.detach().mean()
-        sigma = r.detach().std(unbiased=False)
-    elif mode == "fixed":
+        return zscore(r, eps, detach_stats=True)
+    if mode == "fixed":
         if stats is None:
             raise ValueError("mode='fixed' needs stats=(mean, std)")
         mu, sigma = float(stats[0]), float(stats[1])
         if sigma < 0:
             raise ValueError("fixed std must be >= 0")
-    else:
-        raise ValueError(f"mode must be 'batch', 'fixed' or 'none', got {mode!r}")
-    return (r - mu) / (sigma + eps)
+        return (r - mu) / (sigma + eps)
+    raise ValueError(f"mode must be 'batch', 'fixed' or 'none', got {mode!r}")
 
 
 def composite_reward(
@@ -182,6 +159,17 @@ def weight_regularizer(
     return lam * total
 
 
+def delta_regularizer(deltas: Iterable[torch.Tensor], lam: float = 1e-3) -> torch.Tensor:
+    """λ·Σ‖ΔW‖²_F over weight deltas θ − θ0 (LoRA: each layer's merged ΔW, e.g.
+    :func:`genalign.pipelines.lora.lora_delta`), fp32 with graph. Raises ValueError when empty or λ < 0."""
+    if lam < 0:
+        raise ValueError("lam must be >= 0")
+    terms = [(d.to(torch.float32) ** 2).sum() for d in deltas]
+    if not terms:
+        raise ValueError("no weight deltas given (no LoRA layers?)")
+    return lam * torch.stack(terms).sum()
+
+
 def lora_delta_regularizer(
     lora_pairs: Iterable[Tuple[torch.Tensor, torch.Tensor, float]], lam: float = 1e-3
 ) -> torch.Tensor:
@@ -194,18 +182,12 @@ def lora_delta_regularizer(
 
     Raises ValueError on incompatible shapes or λ < 0.
     """
-    if lam < 0:
-        raise ValueError("lam must be >= 0")
-    total = None
+    deltas = []
     for A, B, scale in lora_pairs:
         if A.ndim != 2 or B.ndim != 2 or B.shape[1] != A.shape[0]:
             raise ValueError(f"LoRA shapes must be A (r, in), B (out, r); got {tuple(A.shape)}, {tuple(B.shape)}")
-        delta = float(scale) * (B.to(torch.float32) @ A.to(torch.float32))
-        term = (delta**2).sum()
-        total = term if total is None else total + term
-    if total is None:
-        raise ValueError("no LoRA layers given")
-    return lam * total
+        deltas.append(float(scale) * (B.to(torch.float32) @ A.to(torch.float32)))
+    return delta_regularizer(deltas, lam)
 
 
 def resolve_step_weights(step_weights: Union[str, Sequence[float]], num_steps: int) -> List[float]:
@@ -290,11 +272,6 @@ def r0_generator_loss(
     return loss, metrics
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Random-η rollout
-# --------------------------------------------------------------------------------------------------------------
-
-
 def sample_eta(
     batch_size: int,
     eta_range: Tuple[float, float] = (0.0, 1.0),
@@ -306,128 +283,6 @@ def sample_eta(
     if not 0.0 <= lo <= hi <= 1.0:
         raise ValueError(f"need 0 <= eta_lo <= eta_hi <= 1, got {eta_range}")
     return (lo + (hi - lo) * torch.rand(batch_size, generator=generator)).to(device)
-
-
-def _bview(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    x = torch.as_tensor(x, dtype=torch.float32, device=like.device)
-    if x.ndim == 0:
-        x = x.expand(like.shape[0])
-    if x.shape != (like.shape[0],):
-        raise ValueError(f"per-sample value must be a scalar or ({like.shape[0]},), got {tuple(x.shape)}")
-    return x.view((-1,) + (1,) * (like.ndim - 1))
-
-
-def flow_predictions_from_velocity(
-    x_t: torch.Tensor, v: torch.Tensor, t: Union[float, torch.Tensor]
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Rectified flow x_t = (1 − t)x0 + tε, v = ε − x0 ⇒ (x̂0, ε̂) = (x_t − t·v̂, x_t + (1 − t)·v̂), fp32.
-
-    ``x_t``, ``v``: (B, ...); ``t``: scalar or (B,) in [0, 1] (SD3 passes t·1000 to the transformer; here t ∈ [0, 1]).
-    """
-    if x_t.shape != v.shape:
-        raise ValueError(f"x_t {tuple(x_t.shape)} and v {tuple(v.shape)} differ")
-    tt = _bview(t, x_t)
-    x, vv = x_t.to(torch.float32), v.to(torch.float32)
-    return x - tt * vv, x + (1 - tt) * vv
-
-
-def flow_random_eta_step(
-    x0_hat: torch.Tensor,
-    eps_hat: torch.Tensor,
-    t_next: Union[float, torch.Tensor],
-    eta: Union[float, torch.Tensor],
-    noise: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Random-η flow step x_{t'} = (1 − t')·x̂0 + t'·(sqrt(1 − η²)·ε̂ + η·ξ) ([recon], r0.md §2.1).
-
-    η = 0 is the deterministic Euler jump x_t + (t' − t)·v̂; η = 1 re-noises fully. If ε̂ were the true noise the
-    marginal of x_{t'} given x0 is N((1 − t')x0, t'²I) for every η.
-
-    Args: x0_hat, eps_hat (B, ...); t_next scalar or (B,) in [0, 1]; eta scalar or (B,) in [0, 1]; noise ξ
-    (B, ...), required when any η > 0. Raises ValueError on bad shapes / ranges.
-    """
-    if x0_hat.shape != eps_hat.shape:
-        raise ValueError(f"x0_hat {tuple(x0_hat.shape)} and eps_hat {tuple(eps_hat.shape)} differ")
-    tn = _bview(t_next, x0_hat)
-    e = _bview(eta, x0_hat)
-    if ((e < 0) | (e > 1)).any() or ((tn < 0) | (tn > 1)).any():
-        raise ValueError("eta and t_next must lie in [0, 1]")
-    direction = torch.sqrt(1 - e**2) * eps_hat.to(torch.float32)
-    if bool((e > 0).any()):
-        if noise is None or noise.shape != x0_hat.shape:
-            raise ValueError("noise of x0_hat's shape is required when eta > 0")
-        direction = direction + e * noise.to(torch.float32)
-    return (1 - tn) * x0_hat.to(torch.float32) + tn * direction
-
-
-def ddim_random_eta_step(
-    x0_hat: torch.Tensor,
-    eps_hat: torch.Tensor,
-    alpha_bar_t: Union[float, torch.Tensor],
-    alpha_bar_next: Union[float, torch.Tensor],
-    eta: Union[float, torch.Tensor],
-    noise: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Generalised DDIM(η) step for VP/ε backbones (SD1.5) with per-sample η ([recon], r0.md §2.1).
-
-    σ_η = η·sqrt((1 − ᾱ')/(1 − ᾱ))·sqrt(1 − ᾱ/ᾱ'), x' = sqrt(ᾱ')x̂0 + sqrt(1 − ᾱ' − σ_η²)ε̂ + σ_η·ξ.
-    η = 0 equals ``DDIMScheduler.step(eta=0)``. Shapes as in :func:`flow_random_eta_step`; ᾱ values scalars or (B,).
-    """
-    if x0_hat.shape != eps_hat.shape:
-        raise ValueError(f"x0_hat {tuple(x0_hat.shape)} and eps_hat {tuple(eps_hat.shape)} differ")
-    ab = _bview(alpha_bar_t, x0_hat)
-    abn = _bview(alpha_bar_next, x0_hat)
-    e = _bview(eta, x0_hat)
-    if ((e < 0) | (e > 1)).any():
-        raise ValueError("eta must lie in [0, 1]")
-    sigma = e * torch.sqrt((1 - abn) / (1 - ab)) * torch.sqrt((1 - ab / abn).clamp_min(0))
-    out = torch.sqrt(abn) * x0_hat.to(torch.float32) + torch.sqrt((1 - abn - sigma**2).clamp_min(0)) * eps_hat.to(
-        torch.float32
-    )
-    if bool((sigma > 0).any()):
-        if noise is None or noise.shape != x0_hat.shape:
-            raise ValueError("noise of x0_hat's shape is required when eta > 0")
-        out = out + sigma * noise.to(torch.float32)
-    return out
-
-
-def rollout(
-    predict_fn: Callable[[torch.Tensor, float, int], Tuple[torch.Tensor, torch.Tensor]],
-    z: torch.Tensor,
-    times: Sequence[float],
-    eta: Union[float, torch.Tensor] = 0.0,
-    generator: Optional[torch.Generator] = None,
-    backprop_steps: Optional[int] = None,
-) -> List[torch.Tensor]:
-    """K-step random-η flow rollout from x_{t_0} = z; returns [x̂0^(0), …, x̂0^(K−1)] ([recon], r0.md §2.1).
-
-    Args:
-        predict_fn: ``(x_t, t, k) -> (x̂0, ε̂)`` the trainable network (e.g. via
-            :func:`flow_predictions_from_velocity`), with graph.
-        z: (B, ...) initial noise; times: K decreasing times t_0 > … > t_{K−1} in (0, 1].
-        eta: scalar or (B,) η for the re-noising (training: :func:`sample_eta`; inference 0).
-        generator: for the re-noising ξ.
-        backprop_steps: None ⇒ full back-propagation; k ⇒ the state entering step K − k is detached, so only the
-            last k network calls receive gradient (reconstruction option).
-
-    Raises ValueError on non-decreasing times or a bad backprop_steps.
-    """
-    K = len(times)
-    if K == 0 or any(b >= a for a, b in zip(times, times[1:])):
-        raise ValueError(f"times must be a non-empty strictly decreasing sequence, got {list(times)}")
-    if backprop_steps is not None and not 1 <= backprop_steps <= K:
-        raise ValueError(f"backprop_steps must be in [1, {K}] or None")
-    x = z.to(torch.float32)
-    outs = []
-    for k, t in enumerate(times):
-        if backprop_steps is not None and k == K - backprop_steps:
-            x = x.detach()
-        x0_hat, eps_hat = predict_fn(x, float(t), k)
-        outs.append(x0_hat)
-        if k < K - 1:
-            noise = torch.randn(z.shape, generator=generator).to(z.device)
-            x = flow_random_eta_step(x0_hat, eps_hat, float(times[k + 1]), eta, noise)
-    return outs
 
 
 @torch.no_grad()
@@ -448,26 +303,6 @@ def langevin_perturb_(
 # The trainer objective
 # --------------------------------------------------------------------------------------------------------------
 
-from typing import Any, Literal  # noqa: E402
-
-from pydantic import Field, model_validator  # noqa: E402
-
-from genalign.objectives.base import LossOutput, Objective, ObjectiveParams  # noqa: E402
-from genalign.registry import objectives as OBJECTIVES  # noqa: E402
-
-
-def lora_pairs(unet: torch.nn.Module, adapter: str = "default") -> List[Tuple[torch.Tensor, torch.Tensor, float]]:
-    """``(A, B, scale)`` of every peft LoRA layer of ``unet`` (conv weights flattened to 2-D), for
-    :func:`lora_delta_regularizer`. A: (r, in), B: (out, r), scale = lora_alpha / r. Empty list when no LoRA."""
-    out = []
-    for m in unet.modules():
-        la, lb = getattr(m, "lora_A", None), getattr(m, "lora_B", None)
-        if la is None or lb is None or adapter not in la:
-            continue
-        A, B = la[adapter].weight, lb[adapter].weight
-        out.append((A.flatten(1), B.flatten(1), float(m.scaling[adapter])))
-    return out
-
 
 @OBJECTIVES.register("r0", "R0 / Reward-Instruct: few-step generator by regularised reward maximisation (Luo et al. 2025)")
 class R0(Objective):
@@ -478,7 +313,7 @@ class R0(Objective):
     per member with detached batch statistics; weights = the list's ``weight`` unless ``reward_weights`` is set;
     the list's own ``normalize`` setting is not used). The regulariser is Σ‖θ − θ0‖² over the full UNet
     (θ0 = the base weights, snapshot at construction) or, with LoRA, the merged delta Σ‖scale·B·A‖²_F.
-    Everything is a reconstruction (r0.md): see :class:`R0Config` and docs/objectives/di_star_r0.md.
+    Everything is a reconstruction (r0.md): see the tags of :class:`R0.Config` and docs/objectives/di_star_r0.md.
 
     Raises:
         ValueError: not a ``few_step`` adapter, a non-differentiable reward, or weights that are all 0.
@@ -526,8 +361,6 @@ class R0(Objective):
 
     def __init__(self, config, model):
         super().__init__(config, model)
-        from genalign.objectives.di_star import require_few_step
-
         require_few_step(model, "r0")
         model.configure_few_step(config.num_steps, config.first_timestep, config.eta_inference)
         self.rewards = None
@@ -541,9 +374,8 @@ class R0(Objective):
         self.rewards = ctx.rewards
         return super().build_data(ctx)
 
-    def phases(self):
-        from genalign.objectives.base import Phase
-
+    def phases(self) -> list[Phase]:
+        """One phase over the generator's trainable parameters (lr ``learning_rate``)."""
         return [Phase("main", self.model.trainable_parameters(), self.loss, self.config.learning_rate)]
 
     def sample(self, prompts, vcfg, generators):
@@ -563,8 +395,7 @@ class R0(Objective):
             return torch.zeros((), device=self.model.device)
         if self.theta0 is not None:
             return weight_regularizer(self.model.trainable_parameters(), self.theta0, lam)
-        pairs = lora_pairs(getattr(self.model, "_raw_unet", self.model.unet))
-        return lora_delta_regularizer(pairs, lam)
+        return delta_regularizer([lora_delta(layer) for _, layer in lora_layers(self.model.denoiser())], lam)
 
     def loss(self, batch: Dict[str, Any], generator: Optional[torch.Generator] = None) -> LossOutput:
         """Random-η K-step rollout with graph → rewards of the weighted steps → R0 loss (:func:`r0_generator_loss`)."""

@@ -7,7 +7,7 @@ The generator is the pipeline's own UNet used as a direct map from noise to a cl
   Source: DMD2 ``main/utils.py::get_x0_from_noise`` and ``--conditioning_timestep 399`` (di_star.md §5).
 - **K steps** (R0, DMD2 4-step): timesteps t_k = t₀ − k·(t₀ + 1)/K, k = 0..K−1 (t₀ = 999, K = 4 gives DMD2's
   [999, 749, 499, 249]); between steps the generalised DDIM(η) step
-  x' = sqrt(ᾱ')·x̂0 + sqrt(1 − ᾱ' − σ_η²)·ε̂ + σ_η·ξ (:func:`genalign.objectives.r0.ddim_random_eta_step`) with a
+  x' = sqrt(ᾱ')·x̂0 + sqrt(1 − ᾱ' − σ_η²)·ε̂ + σ_η·ξ (:func:`genalign.pipelines.rollout.ddim_random_eta_step`) with a
   per-sample η (training: random η ~ U[η_lo, η_hi]; inference: a fixed η, default 0 = deterministic DDIM). The last
   step returns x̂0. Source: r0.md §2.1 (random-η rollout, [recon]).
 
@@ -19,24 +19,83 @@ unchanged for every t ≤ t₀), ``timestep_spacing = "trailing"`` (timesteps t�
 ``set_alpha_to_one = True`` (the last step lands on ᾱ = 1, i.e. returns x̂0 exactly). No custom code is shipped.
 DMD2's own recipe, ``LCMScheduler`` with ``timesteps=[399]``, gives the same one-step image (LCM's c_skip(399)
 ≈ 1.6e-8). Source: Diffusers ``DDIMScheduler.set_timesteps`` / ``step`` (v0.42).
+
+Mixed precision (issue 13 §2): the export never adds a LoRA delta to half-precision weights. With the run config,
+the frozen components and the base UNet come from a fresh fp32 load of ``pipeline.model`` and the LoRA delta is
+added to those fp32 originals (:func:`genalign.pipelines.lora.lora_delta`, fp32); every component is saved in fp32.
 """
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import json
+import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
 from genalign.pipelines.base import DiffusionAdapter, load_pipeline_from_config
+from genalign.pipelines.lora import lora_delta, lora_layers, merged_base_state
+from genalign.pipelines.rollout import ddim_random_eta_step
+from genalign.pipelines.schedule import alpha_bar_at, x0_and_epsilon, x0_from_epsilon
 from genalign.pipelines.sd import SDAdapter
 from genalign.pipelines.sdxl import SDXLAdapter
 from genalign.registry import pipelines as PIPELINES
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_FIRST_TIMESTEP = 399  # [card]/[code] DMD2 / DI*-SDXL one-step input timestep
 FEW_STEP_FILE = "few_step.json"
+
+
+def x0_from_noise(z: torch.Tensor, eps_hat: torch.Tensor, timestep: int | torch.Tensor,
+                  alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """One-step generator mapping x0 = (z − sqrt(1 − ᾱ_t)·ε̂)/sqrt(ᾱ_t) (DMD2 ``get_x0_from_noise``), fp32.
+
+    Args:
+        z: (B, ...) input noise fed to the UNet as x_t. eps_hat: (B, ...) the UNet's ε-prediction at t (with graph).
+        timestep: int (399 for DMD2 / DI*-SDXL: ᾱ_399 = 0.426086 under SDXL's scaled-linear schedule) or (B,).
+        alphas_cumprod: (T,) schedule.
+
+    Equals ``LCMScheduler(timesteps=[399]).step(...).denoised`` up to LCM's c_skip(399) ≈ 1.6e-8 (di_star.md §5).
+    Raises ValueError on a shape mismatch or a timestep outside the schedule.
+    """
+    return x0_from_epsilon(z, eps_hat, alpha_bar_at(alphas_cumprod, timestep))
+
+
+def require_few_step(model, objective: str) -> None:
+    """Raise ValueError unless ``model`` is a ``few_step`` adapter (the DI* / R0 objectives train one)."""
+    if not isinstance(model, FewStepMixin):
+        raise ValueError(f"objective {objective!r} trains a one-/few-step generator: use `pipeline.name: few_step` "
+                         f"(got the {type(model).__name__} adapter)")
+
+
+def load_unet_weights(unet: torch.nn.Module, source: str) -> None:
+    """Load generator weights (e.g. DMD2's ``dmd2_sdxl_1step_unet_fp16.bin``) into ``unet`` in place, as fp32.
+
+    Args:
+        unet: the generator UNet (full fine-tune; LoRA-wrapped UNets have different keys).
+        source: a Diffusers UNet folder, a ``.safetensors`` file or a torch ``.bin`` / ``.pt`` state dict.
+
+    Raises:
+        FileNotFoundError: ``source`` does not exist (names ``objective.generator_init``). RuntimeError: keys or
+        shapes do not match.
+    """
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    p = Path(source)
+    if not p.exists():
+        raise FileNotFoundError(f"objective.generator_init: {source!r} not found (a UNet folder or state-dict file)")
+    if p.is_dir():
+        state = UNet2DConditionModel.from_pretrained(str(p)).state_dict()
+    elif p.suffix == ".safetensors":
+        state = load_file(str(p))
+    else:
+        state = torch.load(str(p), map_location="cpu", weights_only=True)
+    with torch.no_grad():
+        unet.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
 
 
 def few_step_timesteps(num_steps: int, first_timestep: int, num_train_timesteps: int = 1000) -> list[int]:
@@ -117,23 +176,46 @@ class FewStepMixin:
         return self.noise_scheduler.alphas_cumprod
 
     def x0_eps(self, x_t: torch.Tensor, t: int | torch.Tensor, pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x̂0, ε̂) from a network output ``pred`` at x_t, fp32, graph kept (DDIM's formulas).
+        """(x̂0, ε̂) from a network output ``pred`` at x_t, fp32, graph kept (DDIM's formulas,
+        :func:`genalign.pipelines.schedule.x0_and_epsilon`). ``t``: int or (B,) long.
 
-        ε-prediction: x̂0 = (x_t − s·ε̂)/a; v-prediction: x̂0 = a·x_t − s·v̂, ε̂ = s·x_t + a·v̂ (a = sqrt(ᾱ_t),
-        s = sqrt(1 − ᾱ_t)). ``t``: int or (B,) long. Raises ValueError for other prediction types.
+        Raises:
+            ValueError: a prediction type other than epsilon / v_prediction.
         """
-        ac = self.alphas_cumprod.to(x_t.device)
-        tt = torch.as_tensor(t, device=x_t.device).long()
-        ab = ac[tt].float()
-        if ab.ndim:
-            ab = ab.view((-1,) + (1,) * (x_t.ndim - 1))
-        a, s = ab**0.5, (1 - ab) ** 0.5
-        x, p = x_t.float(), pred.float()
+        ab = alpha_bar_at(self.alphas_cumprod, t).to(x_t.device)
+        return x0_and_epsilon(pred, x_t, ab, self.prediction_type)
+
+    def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, Any], unet=None) -> torch.Tensor:
+        """ε̂ ``(B, C, h, w)`` fp32 of ``unet`` (default: the trained generator) at integer timesteps ``t`` ``(B,)``,
+        converted from v when the network predicts v (ε = s·x_t + a·v); graph kept (inputs and network)."""
+        pred = self.predict(x_t, t.to(x_t.device), cond, unet=unet)
         if self.prediction_type == "epsilon":
-            return (x - s * p) / a, p
-        if self.prediction_type == "v_prediction":
-            return a * x - s * p, s * x + a * p
-        raise ValueError(f"few_step: unsupported prediction_type {self.prediction_type!r} (epsilon or v_prediction)")
+            return pred.float()
+        return self.x0_eps(x_t, t, pred)[1]
+
+    def predict_eps_cfg_pair(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, Any],
+                             uncond: dict[str, Any], unet=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ε̂(x_t, ∅), ε̂(x_t, c)) from one forward over 2B rows [∅; c] (the numbers of two calls, one launch).
+
+        ``uncond``: B rows (:meth:`encode_uncond`); entries missing from ``uncond`` are taken from ``cond``."""
+        both = {k: (torch.cat([u.to(cond[k].dtype), cond[k]]) if isinstance(cond.get(k), torch.Tensor)
+                    else cond.get(k, u)) for k, u in uncond.items()}
+        eps_u, eps_c = self.predict_eps(torch.cat([x_t, x_t]), torch.cat([t, t]), both, unet=unet).chunk(2)
+        return eps_u, eps_c
+
+    @contextlib.contextmanager
+    def reference_with_grad(self) -> Iterator[torch.nn.Module]:
+        """The frozen reference network **with autograd enabled** (its parameters are frozen; gradients reach its
+        inputs): the frozen copy, or the trained network with LoRA disabled (DI*'s teacher, di_star.md §2.2)."""
+        if self.ref_unet is not None:
+            yield self.ref_unet
+            return
+        raw = self.denoiser()
+        raw.disable_adapters()
+        try:
+            yield raw
+        finally:
+            raw.enable_adapters()
 
     def generate_latents(self, z: torch.Tensor, cond: dict[str, Any], *, unet=None, eta: float | torch.Tensor = 0.0,
                          generator: torch.Generator | None = None, backprop_steps: int | None = None,
@@ -157,8 +239,6 @@ class FewStepMixin:
         Raises:
             ValueError: invalid schedule or backprop_steps.
         """
-        from genalign.objectives.r0 import ddim_random_eta_step
-
         K = num_steps or self.num_steps
         ts = few_step_timesteps(K, self.first_timestep, self.num_train_timesteps)
         if backprop_steps is not None and not 1 <= backprop_steps <= K:
@@ -204,7 +284,7 @@ class FewStepMixin:
         """(B, C, h, w) of the generator's latents at the adapter's resolution."""
         vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         h = self.resolution // vae_scale
-        return (batch_size, int(getattr(self, "_raw_unet", self.unet).config.in_channels), h, h)
+        return (batch_size, int(self.denoiser().config.in_channels), h, h)
 
     def initial_noise(self, batch_size: int, generator=None) -> torch.Tensor:
         """z (B, C, h, w) drawn exactly as the Diffusers pipelines do (``randn_tensor``; a list of generators gives
@@ -225,7 +305,7 @@ class FewStepMixin:
             generator: a torch.Generator or a list of N (one per row, as the trainer's validation passes).
             eta: inference η (default :attr:`eta_inference`).
         """
-        unet = getattr(self, "_raw_unet", self.unet)
+        unet = self.denoiser()
         was_training = unet.training
         unet.eval()
         try:
@@ -245,40 +325,70 @@ class FewStepMixin:
             unet.train(was_training)
 
     # -- export ---------------------------------------------------------------------------------------------
-    def export_unet(self) -> torch.nn.Module:
-        """The generator UNet for export: the raw module, or a copy with LoRA fused and removed (fp32)."""
-        unet = getattr(self, "_raw_unet", self.unet)
+    @torch.no_grad()
+    def export_unet(self, base_unet: torch.nn.Module | None = None) -> torch.nn.Module:
+        """The generator UNet for export, without peft layers.
+
+        Full fine-tune: the trained (fp32) UNet itself. LoRA: W + ΔW with ΔW computed in fp32
+        (:func:`genalign.pipelines.lora.lora_delta`) and added to ``base_unet``'s fp32 weights — a fresh fp32 load
+        of the base, so (merged − base) is exactly the LoRA delta even when training held the base in bf16/fp16 —
+        or, without ``base_unet``, to the in-memory base upcast to fp32 (:func:`~genalign.pipelines.lora.merged_base_state`).
+        ``base_unet`` is modified in place and returned.
+        """
+        unet = self.denoiser()
         if self.lora is None:
             return unet
-        merged = copy.deepcopy(unet).float()
-        merged.fuse_lora()
-        merged.unload_lora()
-        return merged
+        if base_unet is None:
+            fresh = type(unet).from_config(unet.config)
+            fresh.load_state_dict(merged_base_state(unet))
+            return fresh.float()
+        params = dict(base_unet.named_parameters())
+        for name, layer in lora_layers(unet):
+            w = params[f"{name}.weight"]
+            w.data = w.data.to(torch.float32) + lora_delta(layer).to(w.device)
+        return base_unet.float()
+
+    def export_schedule(self, cfg=None) -> tuple[int, int, float]:
+        """(K, t₀, η) of the export: the run config's objective (``num_steps``, ``first_timestep`` /
+        ``init_timestep``, ``eta_inference``) when given, else the adapter's."""
+        obj = dict(getattr(cfg.objective, "model_extra", None) or {}) if cfg is not None else {}
+        K = int(obj.get("num_steps", self.num_steps))
+        t0 = int(obj.get("first_timestep", obj.get("init_timestep", self.first_timestep)))
+        return K, t0, float(obj.get("eta_inference", self.eta_inference))
 
     def write_export(self, tmp_dir: str | Path, cfg=None) -> None:
         """Write a vanilla Diffusers pipeline folder that generates in K steps (see module docstring).
 
-        The schedule is taken from the run config's objective (``num_steps``, ``first_timestep`` /
-        ``init_timestep``, ``eta_inference``) when present, else from the adapter. Also writes ``few_step.json``
-        (K, t₀, timesteps, η, the call to use). Load with ``DiffusionPipeline.from_pretrained(dir)`` and call
-        ``pipe(prompt, num_inference_steps=K, guidance_scale=0.0)``.
+        With ``cfg`` the frozen components come from a fresh fp32 load of ``cfg.pipeline`` (the originals, not the
+        half-precision copies of a bf16/fp16 run) and the UNet is :meth:`export_unet` on that load's fp32 UNet;
+        without it, the in-memory pipeline is saved with :meth:`export_unet` (a warning names half-precision parts).
+        Also writes ``few_step.json`` (K, t₀, timesteps, η, the call to use). Load with
+        ``DiffusionPipeline.from_pretrained(dir)`` and call ``pipe(prompt, num_inference_steps=K, guidance_scale=0.0)``.
+
+        Raises:
+            WeightsNotFoundError: ``cfg.pipeline.model`` cannot be reloaded.
         """
-        K, t0, eta = self.num_steps, self.first_timestep, self.eta_inference
-        obj = {}
-        if cfg is not None:
-            obj = dict(getattr(cfg.objective, "model_extra", None) or {})
-        K = int(obj.get("num_steps", K))
-        t0 = int(obj.get("first_timestep", obj.get("init_timestep", t0)))
-        eta = float(obj.get("eta_inference", eta))
+        K, t0, eta = self.export_schedule(cfg)
         sched = few_step_scheduler(dict(self.pipe.scheduler.config), K, t0)
         tmp_dir = Path(tmp_dir)
-        old_unet, old_sched = self.pipe.unet, self.pipe.scheduler
+        if cfg is not None:
+            pipe = load_pipeline_from_config(cfg.pipeline)
+            pipe.unet = self.export_unet(pipe.unet)
+        else:
+            pipe = self.pipe
+            half = [k for k, v in pipe.components.items() if isinstance(v, torch.nn.Module) and k != "unet"
+                    and any(p.dtype in (torch.float16, torch.bfloat16) for p in v.parameters())]
+            if half:
+                logger.warning("few_step export without the run config saves %s in half precision; export through "
+                               "genalign.export to save the fp32 originals", ", ".join(half))
+        old_unet, old_sched = pipe.unet, pipe.scheduler
         try:
-            self.pipe.unet = self.export_unet()
-            self.pipe.scheduler = sched
-            self.pipe.save_pretrained(str(tmp_dir))
+            if cfg is None:
+                pipe.unet = self.export_unet()
+            pipe.scheduler = sched
+            pipe.save_pretrained(str(tmp_dir))
         finally:
-            self.pipe.unet, self.pipe.scheduler = old_unet, old_sched
+            pipe.unet, pipe.scheduler = old_unet, old_sched
         info = {"num_inference_steps": K, "first_timestep": t0, "timesteps": few_step_timesteps(K, t0),
                 "eta": eta, "guidance_scale": 0.0,
                 "call": f"pipe(prompt, num_inference_steps={K}, guidance_scale=0.0, eta={eta})",
@@ -286,14 +396,11 @@ class FewStepMixin:
                              "set_alpha_to_one) — reproduces genalign's few-step sampler exactly at eta=0"}
         (tmp_dir / FEW_STEP_FILE).write_text(json.dumps(info, indent=2))
 
-
     def model_card_extra(self, cfg) -> str:
         """Markdown appended to the exported model card: how to sample in K steps, and which objective values are
         verified and which are reconstructions (the objective class's ``provenance``)."""
         obj = dict(getattr(cfg.objective, "model_extra", None) or {})
-        K = int(obj.get("num_steps", self.num_steps))
-        t0 = int(obj.get("first_timestep", obj.get("init_timestep", self.first_timestep)))
-        eta = float(obj.get("eta_inference", self.eta_inference))
+        K, t0, eta = self.export_schedule(cfg)
         lines = ["", f"## Few-step sampling ({K} step{'s' if K > 1 else ''})", "", "```python",
                  "from diffusers import DiffusionPipeline", "pipe = DiffusionPipeline.from_pretrained('<this folder>')",
                  f"image = pipe(prompt, num_inference_steps={K}, guidance_scale=0.0, eta={eta}).images[0]", "```", "",
@@ -364,4 +471,5 @@ def build_few_step(pipe, **kwargs) -> DiffusionAdapter:
 
 
 __all__: Sequence[str] = ["FewStepAdapter", "FewStepMixin", "FewStepSDAdapter", "FewStepSDXLAdapter",
-                          "build_few_step", "few_step_scheduler", "few_step_timesteps"]
+                          "build_few_step", "few_step_scheduler", "few_step_timesteps", "x0_from_noise",
+                          "require_few_step", "load_unet_weights"]

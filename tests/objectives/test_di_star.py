@@ -8,17 +8,23 @@ import pytest
 import torch
 
 from genalign.objectives.di_star import (
-    DiStarConfig,
+    DiffInstructStar,
     default_huber_c,
     di_star_divergence,
     di_star_fake_score_loss,
     di_star_generator_loss,
     effective_guidance_scale,
-    noisy_sample,
     sample_timesteps,
     teacher_cfg,
-    x0_from_noise,
 )
+from genalign.pipelines.few_step import x0_from_noise
+from genalign.pipelines.rollout import noisy_sample as _noisy
+from genalign.pipelines.schedule import alpha_bar_at
+
+
+def noisy_sample(x0, noise, t, ac):
+    """x_t at integer timesteps t of the schedule ac (the pipelines' VP noising)."""
+    return _noisy(x0, noise, alpha_bar_at(ac, t))
 
 SDXL = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
@@ -29,7 +35,7 @@ def _sdxl_alphas_cumprod():
 
 
 def test_config_defaults():
-    cfg = DiStarConfig()
+    cfg = DiffInstructStar.Config()
     assert cfg.alpha == 100.0 and cfg.guidance_scale == 7.5 and cfg.cfg_placement == "in"
     assert (cfg.t_min, cfg.t_max, cfg.init_timestep) == (20, 980, 399)
 
@@ -344,7 +350,7 @@ def test_cfg_helper_and_convention():
 def test_timestep_sampling_and_validation():
     g = torch.Generator().manual_seed(0)
     t = sample_timesteps(10000, generator=g)
-    assert t.min().item() == 20 and t.max().item() == 980
+    assert t.min().item() == 20 and t.max().item() == 979  # randint(20, 980): exclusive top (SiD-LSG [code])
     ac = _sdxl_alphas_cumprod()
     with pytest.raises(ValueError):
         di_star_generator_loss(torch.zeros(2, 4, 2, 2), torch.zeros(2, 4, 2, 3), torch.tensor([1, 2]), ac,
@@ -357,3 +363,15 @@ def test_timestep_sampling_and_validation():
     with pytest.raises(ValueError):
         di_star_generator_loss(torch.zeros(2, 4, 2, 2), torch.zeros(2, 4, 2, 2), torch.tensor([1, 2]), ac,
                                lambda x, t: x, lambda x, t: (x, x), reward=torch.zeros(3))
+
+
+def test_timesteps_exclusive_top_as_sid_lsg():
+    # Issue 14 item 11: SiD-LSG draws torch.randint(tmin, tmax) — t_max itself is never drawn (fails on t_max + 1).
+    t = sample_timesteps(2000, 5, 7, generator=torch.Generator().manual_seed(0))
+    assert set(t.tolist()) == {5, 6}
+    assert sample_timesteps(50, 5, 6).eq(5).all()
+    with pytest.raises(ValueError, match="t_min < t_max"):
+        sample_timesteps(4, 6, 6)
+    with pytest.raises(ValueError, match="t_min"):
+        DiffInstructStar.Config(t_min=980, t_max=980)
+    assert DiffInstructStar.Config(t_min=0, t_max=1000).t_max == 1000  # t ≤ 999 is drawn from a 1000-step schedule

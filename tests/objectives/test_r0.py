@@ -4,24 +4,22 @@ import pytest
 import torch
 
 from genalign.objectives.r0 import (
-    R0Config,
+    R0,
     composite_reward,
-    ddim_random_eta_step,
-    flow_predictions_from_velocity,
-    flow_random_eta_step,
     langevin_perturb_,
     lora_delta_regularizer,
     normalize_rewards,
     r0_generator_loss,
     resolve_step_weights,
-    rollout,
     sample_eta,
     weight_regularizer,
 )
+from genalign.pipelines.rollout import ddim_random_eta_step, flow_predictions_from_velocity, flow_random_eta_step
+from genalign.pipelines.rollout import flow_rollout as rollout
 
 
 def test_config_defaults():
-    cfg = R0Config()
+    cfg = R0.Config()
     assert cfg.num_steps == 4 and cfg.eta_range == (0.0, 1.0) and cfg.weight_reg == 1e-3
     assert cfg.step_weights == "final" and cfg.normalization == "batch"
 
