@@ -4,7 +4,7 @@ an official-style loop, interleaved in one run.
 Usage::
 
     python benchmarks/mapo_step.py [--vae tiny|sdxl8x] [--pairs 8] [--latent-size 32] [--rounds 10]
-                                   [--calls 2] [--memory-repeats 3] [--threads 1] [--quick]
+                                   [--calls 1] [--memory-repeats 3] [--threads 1] [--quick]
 
 Contenders (all on one LoRA-r8 ``SDXLAdapter`` over ``tiny_sdxl_pipeline``, the same B pairs, and the SAME
 optimizer step: ``clip_grad_norm_(·, 1.0)`` + AdamW(lr 1e-5, wd 1e-2) + ``zero_grad``):
@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--pairs", type=int, default=8, help="preference pairs per step (2B UNet rows)")
     ap.add_argument("--latent-size", type=int, default=32, help="latent side; pixels = this × the VAE downsampling")
     ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--calls", type=int, default=2, help="steps per contender per round")
+    ap.add_argument("--calls", type=int, default=1, help="steps per contender per round")
     ap.add_argument("--memory-repeats", type=int, default=3, help="fresh-process memory measurements per contender")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: quiet on a shared machine)")
     ap.add_argument("--quick", action="store_true", help="2 pairs, 8×8 latents, 3 rounds, 1 memory repeat")
