@@ -356,45 +356,112 @@ def _format_error(err: ValidationError, source: str, prefix: str = "") -> str:
     return f"{source}: {key}: {value!r}: {msg}{more}"
 
 
-def _source_of(err: ValidationError, source: str, overrides: list[str] | None) -> str:
-    """Name ``--set`` as the source when the failing key was overridden on the command line."""
-    loc = ".".join(str(p) for p in err.errors()[0]["loc"])
-    for item in overrides or []:
-        key = item.partition("=")[0].strip()
-        if loc == key or loc.startswith(key + "."):
-            return f"{source} --set {item}"
+_UNION_TAGS = ("onpolicy", "preference", "prompts", "images")
+
+
+def _error_key(err: ValidationError, prefix: str = "") -> str:
+    """The failing key as the user writes it: ``data.source.rounds`` (pydantic's union tags dropped), list
+    elements by index (``rewards.0.weight``)."""
+    loc = [str(p) for p in err.errors()[0]["loc"] if str(p) not in _UNION_TAGS]
+    return ".".join(([prefix] if prefix else []) + loc)
+
+
+def _override_source(key: str, source: str, overrides: list[str] | None) -> str:
+    """``--set ITEM`` when the failing ``key`` (or a section above / a key below it) was overridden on the command
+    line, else the config file's name. The last matching override wins, as it is the one applied."""
+    for item in reversed(overrides or []):
+        k = item.partition("=")[0].strip()
+        if key == k or key.startswith(k + ".") or k.startswith(key + "."):
+            return f"--set {item}"
     return source
+
+
+def _source_of(err: ValidationError, source: str, overrides: list[str] | None, prefix: str = "") -> str:
+    """Name ``--set`` as the source when the failing key was overridden on the command line."""
+    return _override_source(_error_key(err, prefix), source, overrides)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``"train.steps=50"`` → (["train", "steps"], 50); the value is parsed as YAML (numbers, bools, lists).
+    ``"rewards.0.weight=2"`` addresses element 0 of the ``rewards`` list.
 
     Raises:
-        ConfigError: no ``=`` in ``item``.
+        ConfigError: no ``=`` in ``item``, an empty key part, or a value that is not valid YAML (``--set ...``).
     """
     if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected key.sub=value")
+        raise ConfigError(f"--set {item}: expected key.sub=value")
     key, _, value = item.partition("=")
-    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+    path = key.strip().split(".")
+    if not all(p.strip() for p in path):
+        raise ConfigError(f"--set {item}: empty part in the key {key.strip()!r} (expected key.sub=value)")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {item}: the value is not valid YAML: {str(err).splitlines()[0]}") from None
+    return [p.strip() for p in path], parsed
+
+
+def _schema_default(path: list[str]) -> Any:
+    """The default (JSON form) of the config field at ``path`` (e.g. ``["rewards"]``), or None when none."""
+    try:
+        node: Any = RunConfig().model_dump(mode="json")
+        for p in path:
+            node = node[int(p)] if isinstance(node, list) else node[p]
+    except (ValidationError, KeyError, IndexError, ValueError, TypeError):
+        return None
+    return copy.deepcopy(node)
+
+
+def _is_index(part: str) -> bool:
+    return part.lstrip("-").isdigit()
 
 
 def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
-    """Return a copy of ``raw`` with ``--set`` overrides applied (creating intermediate sections)."""
+    """Return a copy of ``raw`` with ``--set`` overrides applied (creating intermediate sections).
+
+    A numeric key part indexes a list (``rewards.0.weight=2``, ``pipeline.lora.target_modules.-1=to_k``); a list
+    the YAML leaves out starts from its default (the quickstart's ``rewards``).
+
+    Raises:
+        ConfigError: ``--set ITEM: ...`` for a malformed item, an index beyond the list, or a key below a value
+            that is neither a section nor a list.
+    """
     raw = copy.deepcopy(raw)
     for item in overrides or []:
         path, value = parse_override(item)
-        node = raw
-        for p in path[:-1]:
-            if p.isdigit() and isinstance(node, list):
-                node = node[int(p)]
+        node: Any = raw
+        for depth, p in enumerate(path):
+            last = depth == len(path) - 1
+            here = ".".join(path[:depth + 1])
+            if isinstance(node, list):
+                if not _is_index(p):
+                    raise ConfigError(f"--set {item}: {'.'.join(path[:depth]) or '(root)'} is a list; address an "
+                                      f"element by its index, e.g. {'.'.join(path[:depth] + ['0'] + path[depth:])}")
+                i = int(p)
+                if not -len(node) <= i < len(node):
+                    raise ConfigError(f"--set {item}: {'.'.join(path[:depth])} has {len(node)} element(s); "
+                                      f"index {i} is out of range")
+                if last:
+                    node[i] = value
+                else:
+                    if not isinstance(node[i], (dict, list)):
+                        raise ConfigError(f"--set {item}: {here} is the value {node[i]!r}, not a section")
+                    node = node[i]
                 continue
-            if not isinstance(node.get(p), dict):
-                node[p] = {}
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item}: {'.'.join(path[:depth])} is the value {node!r}, not a section")
+            if last:
+                node[p] = value
+                break
+            if p not in node or node[p] is None:
+                # a section or list the YAML leaves out: start from its default so an index has something to address
+                default = _schema_default(path[:depth + 1])
+                node[p] = default if isinstance(default, list) else {}
+            elif not isinstance(node[p], (dict, list)):
+                if _is_index(path[depth + 1]):
+                    raise ConfigError(f"--set {item}: {here} is the value {node[p]!r}, not a list")
+                node[p] = {}  # e.g. a string shorthand replaced by a section: pydantic names what is wrong
             node = node[p]
-        if path[-1].isdigit() and isinstance(node, list):
-            node[int(path[-1])] = value
-        else:
-            node[path[-1]] = value
     return raw
 
 
@@ -439,41 +506,48 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         obj_cls = objectives.get(cfg.objective.name)
     except KeyError as err:
-        raise ConfigError(f"{source}: objective.name: {cfg.objective.name!r}: {err.args[0]}") from None
+        where = _override_source("objective.name", source, overrides)
+        raise ConfigError(f"{where}: objective.name: {cfg.objective.name!r}: {err.args[0]}") from None
     family = getattr(obj_cls, "family", "diffusion")
+
+    def at(key: str) -> str:  # the file, or the --set item that set the key
+        return _override_source(key, source, overrides)
+
     if isinstance(cfg, LMRunConfig) and family != "lm":
-        raise ConfigError(f"{source}: objective.name: {cfg.objective.name!r}: a diffusion objective; "
+        raise ConfigError(f"{at('objective.name')}: objective.name: {cfg.objective.name!r}: a diffusion objective; "
                           f"pipeline {cfg.pipeline.name!r} trains language-model objectives (dpo, rpo, fdpo, "
                           "treg, rrpo)")
     if not isinstance(cfg, LMRunConfig) and family == "lm":
         hint = "; for diffusion use diffusion_dpo" if cfg.objective.name == "dpo" else ""
-        raise ConfigError(f"{source}: objective.name: {cfg.objective.name!r}: a language-model objective; set "
+        raise ConfigError(f"{at('objective.name')}: objective.name: {cfg.objective.name!r}: a language-model objective; set "
                           f"pipeline.name: language (or video_language){hint}")
     try:
         params = obj_cls.Config.model_validate(cfg.objective.model_extra or {})
     except ValidationError as err:
-        raise ConfigError(_format_error(err, source, prefix="objective")) from None
+        where = _source_of(err, source, overrides, "objective")
+        raise ConfigError(_format_error(err, where, prefix="objective")) from None
     if isinstance(cfg, LMRunConfig):
         if cfg.pipeline.name == "video_language" and not getattr(obj_cls, "video", False):
-            raise ConfigError(f"{source}: objective.name: {cfg.objective.name!r}: video-LM training is implemented "
+            raise ConfigError(f"{at('objective.name')}: objective.name: {cfg.objective.name!r}: video-LM training is implemented "
                               "for rrpo only")
         if cfg.pipeline.lora is None and cfg.pipeline.reference == "adapter_off":
-            raise ConfigError(f"{source}: pipeline.reference: 'adapter_off': a full fine-tune (lora: null) needs "
+            raise ConfigError(f"{at('pipeline.reference')}: pipeline.reference: 'adapter_off': a full fine-tune (lora: null) needs "
                               "reference: frozen_copy")
         cfg.objective = ObjectiveConfig(name=cfg.objective.name, **params.model_dump())
         return cfg
     if getattr(obj_cls, "needs_reference", False) and cfg.pipeline.reference == "none":
-        raise ConfigError(f"{source}: pipeline.reference: 'none': objective {cfg.objective.name!r} needs a reference "
+        raise ConfigError(f"{at('pipeline.reference')}: pipeline.reference: 'none': objective {cfg.objective.name!r} needs a reference "
                           "model (adapter_off with LoRA, or frozen_copy)")
     kinds = getattr(obj_cls, "data_sources", None) or DATA_SOURCES_BY_KIND.get(obj_cls.data_kind)
     if kinds and cfg.data.source.kind not in kinds:
-        raise ConfigError(f"{source}: data.source.kind: {cfg.data.source.kind!r}: objective {cfg.objective.name!r} "
+        raise ConfigError(f"{at('data.source.kind')}: data.source.kind: {cfg.data.source.kind!r}: objective {cfg.objective.name!r} "
                           f"needs one of {', '.join(kinds)}")
     # Keep the validated, defaults-filled parameters so the saved config is fully resolved.
     cfg.objective = ObjectiveConfig(name=cfg.objective.name, **params.model_dump())
     for i, item in enumerate(cfg.rewards):
         if item.name not in rewards:
-            raise ConfigError(f"{source}: rewards.{i}.name: {item.name!r}: unknown reward; known: {', '.join(rewards.names())}")
+            raise ConfigError(f"{_override_source(f'rewards.{i}.name', source, overrides)}: rewards.{i}.name: "
+                              f"{item.name!r}: unknown reward; known: {', '.join(rewards.names())}")
     return cfg
 
 

@@ -87,3 +87,69 @@ def test_table_entry_loads_lazily_and_decorator_replaces_it():
     assert reg.get("sft").__name__ == "SFT"
     with pytest.raises(KeyError, match="known objectives: .*mapo"):
         reg.get("nope")
+
+
+# -- --set on list elements, errors naming --set ------------------------------------------------------------------
+def test_set_addresses_list_elements():
+    from genalign.config import load_config
+
+    cfg = load_config(None, ["rewards.0.weight=2"])  # the quickstart's default rewards list (not in any YAML)
+    assert [(r.name, r.weight) for r in cfg.rewards] == [("digit_classifier", 2.0)]
+    cfg = load_config(None, ["rewards=[{name: ink_mass}, {name: contrast}]", "rewards.1.weight=0.5",
+                             "rewards.-2.kwargs={a: 1}", "pipeline.lora.target_modules.-1=to_k"])
+    assert [(r.name, r.weight, r.kwargs) for r in cfg.rewards] == [("ink_mass", 1.0, {"a": 1}), ("contrast", 0.5, {})]
+    assert cfg.pipeline.lora.target_modules == ["to_q", "to_k", "to_v", "to_k"]
+
+
+def test_set_on_a_list_from_a_yaml_file(tmp_path):
+    import yaml
+
+    from genalign.config import load_config
+
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({"rewards": [{"name": "ink_mass"}, {"name": "contrast", "weight": 3}]}))
+    cfg = load_config(p, ["rewards.0.weight=2"])
+    assert [(r.name, r.weight) for r in cfg.rewards] == [("ink_mass", 2.0), ("contrast", 3.0)]
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("rewards.3.weight=2", "--set rewards.3.weight=2: rewards has 1 element(s); index 3 is out of range"),
+    ("rewards.0.weight=abc", "--set rewards.0.weight=abc: rewards.0.weight: 'abc':"),
+    ("rewards.0.name=nope", "--set rewards.0.name=nope: rewards.0.name: 'nope': unknown reward"),
+    ("rewards.weight=2", "--set rewards.weight=2: rewards is a list; address an element by its index, e.g. "
+                         "rewards.0.weight"),
+    ("objective.beta_mapo=-1", "--set objective.beta_mapo=-1: objective.beta_mapo: -1:"),
+    ("objective.name=dpo", "--set objective.name=dpo: objective.name: 'dpo': a language-model objective"),
+    ("data.source.rounds=abc", "--set data.source.rounds=abc: data.source.rounds: 'abc':"),  # no union tag
+    ("train.steps.x=1", "--set train.steps.x=1: train.steps:"),
+    ("train..steps=1", "--set train..steps=1: empty part in the key"),
+    ("train.steps=[1", "--set train.steps=[1: the value is not valid YAML"),
+    ("train.steps", "--set train.steps: expected key.sub=value"),
+])
+def test_override_errors_say_set_and_name_the_key_as_written(tmp_path, override, expected):
+    from genalign.config import ConfigError, load_config
+
+    p = tmp_path / "run.yaml"
+    p.write_text("train: {steps: 5}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p, ["train.log_every=1", override])
+    msg = str(e.value)
+    assert msg.startswith(expected) and "\n" not in msg and str(p) not in msg, msg
+
+
+def test_file_errors_still_name_the_file_not_set(tmp_path):
+    from genalign.config import ConfigError, load_config
+
+    p = tmp_path / "run.yaml"
+    p.write_text("train: {steps: -1}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p, ["rewards.0.weight=2"])
+    assert str(e.value).startswith(f"{p}: train.steps: -1:") and "--set" not in str(e.value)
+
+
+def test_cli_train_bad_override_is_one_line(capsys):
+    from genalign.cli import main
+
+    assert main(["train", "--set", "rewards.5.weight=2", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "genalign train: error: --set rewards.5.weight=2: rewards has 1 element(s); index 5 is out of range"
