@@ -79,3 +79,13 @@ def test_score_condition_dataset(tmp_path, capsys):
     other = json.loads((tmp_path / "res2.json").read_text())["value"]
     assert same > 0.8 and other < same - 0.2
     assert "mask_iou" in capsys.readouterr().out
+
+
+def test_list_objectives_shows_lm_and_diffusion_dpo_apart(capsys):
+    assert main(["list", "objectives"]) == 0
+    out = capsys.readouterr().out
+    for name in ("dpo", "rpo", "fdpo", "treg", "rrpo", "diffusion_dpo"):
+        assert f"  {name} " in out
+    assert main(["list", "pipelines"]) == 0
+    out = capsys.readouterr().out
+    assert "  language " in out and "  video_language " in out

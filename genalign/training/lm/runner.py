@@ -1,9 +1,11 @@
 """An LM / video-LM preference run end to end, with the same run-folder contract as diffusion runs.
 
-``RUN_DIR/config.yaml`` (resolved config) · ``checkpoints/step_NNNNNN/`` (HF Trainer state: weights or adapter,
-optimizer, scheduler, RNG, ``trainer_state.json``; plus ``config.yaml`` and a ``COMPLETE`` marker; written under a
-temporary name and renamed) · ``summary.json`` · ``export/`` (merged model + ``adapter/``). ``resume="latest"``
-continues from the newest complete checkpoint with the HF Trainer's exact resume (data order, RNG, optimizer).
+``RUN_DIR/config.yaml`` (resolved config) · ``logs/metrics.jsonl`` (TRL's log history) ·
+``checkpoints/step_NNNNNN/`` (HF Trainer state: weights or adapter, optimizer, scheduler, RNG, ``trainer_state.json``;
+plus ``config.yaml`` and a ``COMPLETE`` marker; written under a temporary name and renamed) · ``summary.json`` ·
+``export/`` (merged model + ``adapter/``). ``resume="latest"`` continues from the newest complete checkpoint with the
+HF Trainer's exact resume (data order, RNG, optimizer). The folder rules (refusal, lock, resume config check) are
+:mod:`genalign.training.run_folder`'s, as for diffusion runs.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
+from transformers.trainer_callback import PrinterCallback
 from trl import DPOConfig
 
 from genalign.config import ConfigError, LMRunConfig, save_config
@@ -192,7 +195,12 @@ def _train_locked(cfg: LMRunConfig, run_dir: Path, resume: str | None, progress:
                                 train_dataset=train_ds, eval_dataset=eval_ds, processing_class=proc,
                                 peft_config=peft_config, run_dir=run_dir, config_yaml=(run_dir / "config.yaml").read_text(),
                                 checkpoints_total_limit=cfg.train.checkpoints_total_limit)
+    if not progress:  # quiet: no per-step dicts on stdout (the history goes to logs/metrics.jsonl)
+        trainer.remove_callback(PrinterCallback)
     result = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+    (run_dir / "logs").mkdir(exist_ok=True)
+    (run_dir / "logs" / "metrics.jsonl").write_text(
+        "".join(json.dumps(h, default=str) + "\n" for h in trainer.state.log_history))
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     obj_counts = getattr(objective, "counts", Counter())
     summary = {
