@@ -22,9 +22,6 @@ from pathlib import Path
 import torch
 import yaml
 
-from genalign.pipelines.base import LORA_FILE, lora_state_dict  # noqa: F401  (re-exported: export API)
-
-
 EXPORT_MARKER = "genalign_export.json"  # marks a folder genalign wrote, so only such a folder is ever replaced
 
 
@@ -152,25 +149,3 @@ def model_card(cfg, summary: dict | None = None) -> str:
             lines.append(f"| {k} | {v:.4f} | {summary['reward_after'].get(k, float('nan')):.4f} |")
     lines += ["", "Full resolved config: `genalign_config.yaml`.", ""]
     return "\n".join(lines)
-
-
-def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest") -> Path:
-    """Re-export a run from one of its checkpoints (``genalign export RUN_DIR OUT_DIR``).
-
-    Raises:
-        FileNotFoundError: no complete checkpoint in ``RUN_DIR``.
-    """
-    from genalign.config import load_config
-    from genalign.registry import pipelines
-    from genalign.training.checkpoint import load_trainable, resolve_resume
-
-    run_dir = Path(run_dir)
-    ck = resolve_resume(run_dir, checkpoint)
-    if ck is None:
-        raise FileNotFoundError(f"{run_dir}: no complete checkpoint under checkpoints/ to export")
-    cfg = load_config(ck / "config.yaml")
-    model = pipelines.get(cfg.pipeline.name).from_config(cfg.pipeline)
-    load_trainable(model.denoiser(), ck / "trainable.safetensors")
-    summary_file = run_dir / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.exists() else None
-    return export_pipeline(model, cfg, out_dir, summary)

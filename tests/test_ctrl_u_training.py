@@ -283,9 +283,9 @@ def test_ctrl_u_trains_only_the_controlnet_and_exports(tmp_path):
             assert torch.equal(v, ref[k]), (name, k)
     cn = ControlNetModel.from_pretrained(exp / "controlnet")
     assert cn.controlnet_mid_block.weight.abs().max() > 0  # trained away from the zero init
-    from genalign.export import export_run
+    from genalign.training.checkpoint import export_checkpoint
 
-    re = ControlNetModel.from_pretrained(export_run(tmp_path / "run", tmp_path / "re") / "controlnet")
+    re = ControlNetModel.from_pretrained(export_checkpoint(tmp_path / "run", tmp_path / "re") / "controlnet")
     for k, v in re.state_dict().items():  # re-export from the checkpoint = the trained ControlNet
         assert torch.equal(v, cn.state_dict()[k]), k
     for cfg_name in ("controlnet_pp_digits.yaml", "controlnet_sft_digits.yaml", "ctrl_u_ade20k_seg.yaml",

@@ -12,7 +12,8 @@ from genalign.export import EXPORT_MARKER, ExportRefusedError, export_pipeline, 
 from genalign.registry import pipelines
 from genalign.training import checkpoint as ckpt
 from genalign.training import run_folder
-from genalign.training.trainer import NonFiniteLossError, check_distributed_type, train
+from genalign.training.launch import check_distributed_type
+from genalign.training.trainer import NonFiniteLossError, train
 
 FAST = ["pipeline.model=tiny:sd", "validation.samples_per_prompt=1", "validation.num_inference_steps=2",
         "validation.max_prompts=2", "data.source.num_inference_steps=2", "data.source.rounds=1",

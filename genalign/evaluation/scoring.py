@@ -21,12 +21,9 @@ Source: genalign's own (data conventions of ``shared/methods/README.md`` §6).
 from __future__ import annotations
 
 import csv
-import hashlib
-import io
 import json
 import logging
 import math
-import os
 import re
 from pathlib import Path
 from typing import Any

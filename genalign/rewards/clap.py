@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from genalign.registry import rewards as REWARDS
 from genalign.rewards.base import Reward, WeightEntry, WeightsNotFoundError, resolve_weight_file
-from genalign.rewards.clip import _check_prompts, _TextCache
+from genalign.rewards.clip import check_prompts, TextCache
 from genalign.rewards.preprocess import LogMel, repeatpad, resample, unwrap_features
 
 logger = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ class CLAPScore(Reward):
         self.sample_rate = int(sample_rate)
         self.long_mode = long_mode
         self.max_samples = self.window_s * self.target_rate
-        self._text_cache = _TextCache()
+        self._text_cache = TextCache()
         if device is not None:
             self.to(device)
         self.freeze()
@@ -207,7 +207,7 @@ class CLAPScore(Reward):
         return self._text_cache.get(list(prompts), enc)
 
     def forward(self, samples: torch.Tensor, prompts: list[str] | None = None, **conditions) -> torch.Tensor:
-        prompts = _check_prompts(prompts, samples.shape[0])
+        prompts = check_prompts(prompts, samples.shape[0])
         emb = self.embed(samples, conditions.get("sample_rate"))
         return (emb * self.encode_text(prompts)).sum(-1)
 

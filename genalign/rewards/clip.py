@@ -122,7 +122,7 @@ def tiny_clip_config(projection_dim: int = 32):
     )
 
 
-class _TextCache:
+class TextCache:
     """Prompt → embedding cache (computed once under ``no_grad``; text never needs gradients here)."""
 
     def __init__(self, maxsize: int = 4096):
@@ -141,7 +141,12 @@ class _TextCache:
         return torch.stack([self.data[p] for p in prompts])
 
 
-def _check_prompts(prompts, b: int) -> list[str]:
+def check_prompts(prompts, b: int) -> list[str]:
+    """One prompt per sample: a list of ``b`` strings (a single string is repeated ``b`` times).
+
+    Raises:
+        ValueError: no prompts, or a list whose length is not ``b``.
+    """
     if prompts is None:
         raise ValueError("this reward needs one prompt per sample (prompts=None given)")
     if isinstance(prompts, str):
@@ -204,7 +209,7 @@ class HFCLIPReward(Reward):
             self.tokenizer = offline_clip_tokenizer()
         self.image_size = int(self.model.config.vision_config.image_size)
         self.max_length = int(self.model.config.text_config.max_position_embeddings)
-        self._text_cache = _TextCache()
+        self._text_cache = TextCache()
         if device is not None:
             self.to(device)
         self.freeze()
@@ -236,7 +241,7 @@ class HFCLIPReward(Reward):
 
     def cosine(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """``(B,)`` cosine similarity between each image and its prompt."""
-        prompts = _check_prompts(prompts, images.shape[0])
+        prompts = check_prompts(prompts, images.shape[0])
         return (self.embed(images) * self.encode_text(prompts).to(self.device)).sum(-1)
 
 
@@ -273,7 +278,7 @@ class PickScore(HFCLIPReward):
         """
         s = self.forward(samples, prompts)
         if group_ids is None:
-            prompts = _check_prompts(prompts, samples.shape[0])
+            prompts = check_prompts(prompts, samples.shape[0])
             index = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
             group_ids = [index[p] for p in prompts]
         g = torch.as_tensor(group_ids, device=s.device)
@@ -333,7 +338,7 @@ class CLIPScore(HFCLIPReward):
 
     def forward(self, samples: torch.Tensor, prompts: list[str] | None = None, **conditions) -> torch.Tensor:
         if self.definition == "hessel":
-            prompts = [self.prefix + p for p in _check_prompts(prompts, samples.shape[0])]
+            prompts = [self.prefix + p for p in check_prompts(prompts, samples.shape[0])]
             return clipscore_hessel(self.cosine(samples, prompts))
         return self.cosine(samples, prompts)
 
@@ -398,7 +403,7 @@ class _HPS(Reward):
             self.model.set_grad_checkpointing(True)
         self.tokenizer = open_clip.get_tokenizer("ViT-H-14")  # bundled BPE: works offline
         self.image_size = 224
-        self._text_cache = _TextCache()
+        self._text_cache = TextCache()
         if device is not None:
             self.to(device)
         self.freeze()
@@ -426,7 +431,7 @@ class _HPS(Reward):
         return self._text_cache.get(list(prompts), enc)
 
     def forward(self, samples: torch.Tensor, prompts: list[str] | None = None, **conditions) -> torch.Tensor:
-        prompts = _check_prompts(prompts, samples.shape[0])
+        prompts = check_prompts(prompts, samples.shape[0])
         return (self.embed(samples) * self.encode_text(prompts)).sum(-1)
 
 

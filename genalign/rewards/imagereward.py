@@ -23,7 +23,7 @@ import torch
 from genalign.registry import rewards as REWARDS
 from genalign.rewards.aesthetic import MLPHead
 from genalign.rewards.base import Reward, WeightEntry, load_state_dict, resolve_weight_file
-from genalign.rewards.clip import _check_prompts, resolve_hf_folder
+from genalign.rewards.clip import check_prompts, resolve_hf_folder
 from genalign.rewards.preprocess import CLIP_MEAN, CLIP_STD, clip_reference_pixels, clip_resize_crop, normalize, to_rgb
 
 #: reward normalisation constants of ImageReward v1.0 (``ImageReward.py``: ``self.mean``, ``self.std``)
@@ -227,7 +227,7 @@ class ImageReward(Reward):
 
     def features(self, samples: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """Multimodal ``[CLS]`` features ``(B, hidden)`` (the head's input)."""
-        prompts = _check_prompts(prompts, samples.shape[0])
+        prompts = check_prompts(prompts, samples.shape[0])
         img = self.vision_model(pixel_values=self.pixels(samples).to(self.device)).last_hidden_state
         atts = torch.ones(img.shape[:2], dtype=torch.long, device=img.device)
         tok = self.tokenize(prompts)

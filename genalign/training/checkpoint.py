@@ -157,3 +157,25 @@ def prune_checkpoints(run_dir: str | Path, limit: int | None) -> None:
         return
     for old in list_checkpoints(run_dir)[:-limit]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def export_checkpoint(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "latest") -> Path:
+    """Re-export a run from one of its checkpoints (``genalign export RUN_DIR OUT_DIR``).
+
+    Raises:
+        FileNotFoundError: no complete checkpoint in ``RUN_DIR``.
+    """
+    from genalign.config import load_config
+    from genalign.registry import pipelines
+    from genalign.export import export_pipeline
+
+    run_dir = Path(run_dir)
+    ck = resolve_resume(run_dir, checkpoint)
+    if ck is None:
+        raise FileNotFoundError(f"{run_dir}: no complete checkpoint under checkpoints/ to export")
+    cfg = load_config(ck / "config.yaml")
+    model = pipelines.get(cfg.pipeline.name).from_config(cfg.pipeline)
+    load_trainable(model.denoiser(), ck / "trainable.safetensors")
+    summary_file = run_dir / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.exists() else None
+    return export_pipeline(model, cfg, out_dir, summary)

@@ -103,3 +103,22 @@ class RunLog:
             return
         with open(self.metrics_file, "a") as f:
             f.write(json.dumps({"time": round(time.time(), 3), "step": step, **metrics}) + "\n")
+
+
+def print_summary_table(summary: dict, run_dir: Path) -> None:
+    """The held-out reward table (base, trained, change), the wall time and every file the run wrote."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"held-out reward ({summary['heldout_prompts']}, {summary['samples_per_prompt']} samples/prompt)")
+    for col, justify in (("reward", "left"), ("base", "right"), ("trained", "right"), ("change", "right")):
+        table.add_column(col, justify=justify)
+    before, after = summary["reward_before"], summary["reward_after"]
+    for k in before:
+        table.add_row(k, f"{before[k]:.4f}", f"{after[k]:.4f}", f"{after[k] - before[k]:+.4f}")
+    console.print(table)
+    console.print(f"{summary['steps']} steps in {summary['seconds']:.0f} s")
+    written = [p for p in ("summary.json", "report.html", "export", "logs/metrics.jsonl", "samples")
+               if (run_dir / p).exists()]
+    console.print("wrote: " + ", ".join(str(run_dir / p) for p in written))

@@ -20,7 +20,6 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -32,7 +31,9 @@ from genalign.objectives.base import TrainContext
 from genalign.training import checkpoint as ckpt
 from genalign.training import run_folder
 from genalign.training.optim import make_lr_scheduler, make_optimizer
-from genalign.training.progress import RunLog
+from genalign.training.launch import (check_distributed_type, flatten_config, in_main_thread, mean_over_ranks,
+                                      resolve_num_threads, tracker_available)
+from genalign.training.progress import RunLog, print_summary_table
 
 logger = logging.getLogger(__name__)
 
@@ -48,20 +49,6 @@ def build_rewards(items, device):
     from genalign.rewards.composite import CompositeReward
 
     return CompositeReward.from_specs([it.model_dump() for it in items], device=device).eval()
-
-
-def resolve_num_threads(requested: int | None) -> int:
-    """Torch CPU threads: ``train.num_threads``, else ``OMP_NUM_THREADS``, else the cores this process may use.
-
-    On a shared machine torch's default (every physical core) oversubscribes when another process runs, and a
-    step can swing from 0.1 s to 5 s; the affinity mask is what the scheduler actually grants this process.
-    """
-    if requested:
-        return int(requested)
-    env = os.environ.get("OMP_NUM_THREADS", "")
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 class _StopFlag:
@@ -118,7 +105,7 @@ class DiffusionTrainer:
         self.lock = run_folder.lock_run_folder(self.run_dir) if main else None
         self.resume_dir = self.pick_checkpoint()
         torch.set_num_threads(resolve_num_threads(tcfg.num_threads))
-        self.trackers = [t for t in tcfg.trackers if _tracker_available(t)]
+        self.trackers = [t for t in tcfg.trackers if tracker_available(t)]
         mp = tcfg.mixed_precision
         if mp == "auto":
             mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
@@ -339,7 +326,7 @@ class DiffusionTrainer:
             for opt in self.optimizers:
                 getattr(opt, "optimizer", opt).state.clear()  # the Accelerate wrapper holds the torch optimizer
         if not skipped:
-            self.last_metrics = {k: _mean_over_ranks(acc, v) for k, v in sorted(metrics.items())}
+            self.last_metrics = {k: mean_over_ranks(acc, v) for k, v in sorted(metrics.items())}
             self.last_metrics["lr"] = self.schedulers[-1].get_last_lr()[0]
         loss_key = "loss" if "loss" in self.last_metrics else f"{self.phases[-1].name}/loss"
         bar.update(1)
@@ -380,9 +367,9 @@ class DiffusionTrainer:
         self.build_optimization()
         self.maybe_resume()
         if self.trackers:
-            self.acc.init_trackers("genalign", config=_flat(self.cfg.model_dump(mode="json")))
+            self.acc.init_trackers("genalign", config=flatten_config(self.cfg.model_dump(mode="json")))
         stop = _StopFlag()
-        old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)} if _main_thread() else {}
+        old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)} if in_main_thread() else {}
         try:
             with self.log.phase("train", total=self.tcfg.steps, unit="step", initial=self.step) as bar:
                 while self.step < self.tcfg.steps:
@@ -443,7 +430,7 @@ class DiffusionTrainer:
                 summary["phase_seconds"] = dict(self.log.phase_seconds)
                 _atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2))
             if self.progress:
-                _print_table(summary, self.run_dir)
+                print_summary_table(summary, self.run_dir)
         acc.wait_for_everyone()
         if self.trackers:
             acc.end_training()
@@ -460,74 +447,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: str | None = None, progre
             trainer.lock.release()
 
 
-def check_distributed_type(acc) -> None:
-    """Log the distributed type in effect and refuse a launcher preset whose strategy did not take effect
-    (e.g. an FSDP accelerate config on CPU, which Accelerate silently runs as plain multi-CPU data parallel).
-
-    Raises:
-        RuntimeError: ``ACCELERATE_USE_FSDP`` / ``ACCELERATE_USE_DEEPSPEED`` set but not in effect.
-    """
-    kind = str(acc.distributed_type).split(".")[-1]
-    logger.info("distributed type %s, %d process(es)", kind, acc.num_processes)
-    for env, want in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")):
-        if os.environ.get(env, "").lower() in ("1", "true") and kind != want:
-            raise RuntimeError(f"the accelerate config asks for {want} but Accelerate runs {kind} here "
-                               f"({acc.num_processes} process(es), device {acc.device}); {want} needs GPUs — use "
-                               "configs/accelerate/cpu_2proc.yaml on CPU")
-
-
-def _tracker_available(name: str) -> bool:
-    import importlib.util
-
-    mod = {"tensorboard": "tensorboard", "wandb": "wandb"}[name]
-    if importlib.util.find_spec(mod) is None:
-        logger.warning("train.trackers: %s is not installed; not logging to it", name)
-        return False
-    return True
-
-
-def _mean_over_ranks(acc, v: float) -> float:
-    if acc.num_processes == 1:
-        return float(v)
-    return float(acc.reduce(torch.tensor(float(v), device=acc.device), "mean").item())
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
-
-
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
-
-
-def _print_table(summary: dict, run_dir: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    table = Table(title=f"held-out reward ({summary['heldout_prompts']}, {summary['samples_per_prompt']} samples/prompt)")
-    for col, justify in (("reward", "left"), ("base", "right"), ("trained", "right"), ("change", "right")):
-        table.add_column(col, justify=justify)
-    before, after = summary["reward_before"], summary["reward_after"]
-    for k in before:
-        table.add_row(k, f"{before[k]:.4f}", f"{after[k]:.4f}", f"{after[k] - before[k]:+.4f}")
-    console.print(table)
-    console.print(f"{summary['steps']} steps in {summary['seconds']:.0f} s")
-    written = [p for p in ("summary.json", "report.html", "export", "logs/metrics.jsonl", "samples")
-               if (run_dir / p).exists()]
-    console.print("wrote: " + ", ".join(str(run_dir / p) for p in written))
