@@ -102,3 +102,43 @@ def test_online_objectives_run_under_two_processes(tmp_path, recipe):
     assert summary["steps"] == 2 and len(list_checkpoints(tmp_path / "run")) >= 1
     losses = [v for h in summary["history"] for k, v in h.items() if k.endswith("loss")]
     assert losses and all(v == v and abs(v) < 1e12 for v in losses)  # finite
+
+
+def test_cpu_preset_launches_two_processes_and_the_log_says_so(tmp_path):
+    # accelerate launch with configs/accelerate/cpu_2proc.yaml ran a single process before (distributed_type MULTI_CPU).
+    preset = Path(__file__).resolve().parent.parent / "configs" / "accelerate" / "cpu_2proc.yaml"
+    run = tmp_path / "acc"
+    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(preset), "--main_process_port", "29531",
+           "-m", "genalign.cli", "train", "-o", str(run), *COMMON, "--set", "train.steps=1"]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "distributed type MULTI_CPU, 2 process(es)" in (run / "logs" / "train.log").read_text()
+
+
+def test_a_stalled_rank_ends_the_run_within_the_timeout(tmp_path):
+    # SIGSTOP on rank 1: without a process-group timeout rank 0 waited forever in the next collective.
+    run = tmp_path / "stall"
+    steps = ["--set", "train.steps=200", "--set", "train.log_every=1", "--set", "train.ddp_timeout_s=20"]
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29533", "-m", "genalign.cli", "train",
+           "-o", str(run), *COMMON, *steps]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    log = run / "logs" / "train.log"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.exists() and "step 2 " in log.read_text()):
+        time.sleep(0.2)
+    ranks = subprocess.run(["pgrep", "-f", f"genalign.cli train -o {run}"], capture_output=True, text=True).stdout.split()
+    children = [int(p) for p in ranks if int(p) != proc.pid]
+    assert len(children) >= 2, ranks
+    os.kill(max(children), signal.SIGSTOP)  # the later-started worker: rank 1
+    t0 = time.time()
+    try:
+        out = proc.communicate(timeout=240)[0].decode()
+    finally:
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert proc.returncode != 0
+    assert time.time() - t0 < 200, "the stalled rank was waited for far longer than train.ddp_timeout_s"
+    assert "timed out" in out.lower() or "timeout" in out.lower(), out[-3000:]

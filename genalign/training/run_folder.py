@@ -47,7 +47,8 @@ def prepare_run_folder(run_dir: Path, resume: str | None, overwrite: bool, main_
     """
     if run_dir.exists() and not run_dir.is_dir():
         raise RunFolderError(f"{run_dir}: output folder is a file; choose another --output-dir")
-    entries = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+    # The lock file alone does not make a folder non-empty (another rank of this run may have just taken it).
+    entries = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE) if run_dir.is_dir() else []
     if not entries or resume is not None:
         return
     foreign = [e for e in entries if e not in RUN_ENTRIES and not e.startswith("export.tmp-")]
@@ -60,8 +61,6 @@ def prepare_run_folder(run_dir: Path, resume: str | None, overwrite: bool, main_
                              f"{foreign[:5]}; choose another --output-dir")
     if main_process:
         for e in entries:
-            if e == LOCK_FILE:
-                continue
             path = run_dir / e
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 

@@ -322,7 +322,7 @@ class DiffusionTrainer:
             self.ema.step(self.all_params)
         self.step += 1
         result = self.objective.on_step_end(self.step)  # round boundaries (DDO self-play, DRAGON rounds)
-        if result.reset_optimizer_state:
+        if result is not None and result.reset_optimizer_state:  # a plug-in's hook may return None
             for opt in self.optimizers:
                 getattr(opt, "optimizer", opt).state.clear()  # the Accelerate wrapper holds the torch optimizer
         if not skipped:
