@@ -153,3 +153,60 @@ def test_cli_train_bad_override_is_one_line(capsys):
     assert main(["train", "--set", "rewards.5.weight=2", "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "genalign train: error: --set rewards.5.weight=2: rewards has 1 element(s); index 5 is out of range"
+
+
+# -- offline: a hub id fails at once with one line -----------------------------------------------------------------
+@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "https://no-such-host.invalid"}])
+def test_offline_hub_id_fails_at_once_with_one_line(monkeypatch, tmp_path, env):
+    import time
+
+    from genalign.errors import WeightsNotFoundError
+    from genalign.pipelines.base import hub_offline_reason, load_diffusers_pipeline
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    for k in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert hub_offline_reason() is not None
+    from diffusers import DiffusionPipeline  # noqa: F401  (imported before the clock: the import alone takes seconds)
+
+    t0 = time.perf_counter()
+    with pytest.raises(WeightsNotFoundError) as e:
+        load_diffusers_pipeline("no-such-org/no-such-model")
+    dt = time.perf_counter() - t0
+    msg = str(e.value)
+    assert "\n" not in msg and dt < 10, (dt, msg)
+    assert msg.startswith("pipeline.model: 'no-such-org/no-such-model' is not a local Diffusers folder")
+    assert ("HF_HUB_OFFLINE is set" if "HF_HUB_OFFLINE" in env else "no network: cannot reach no-such-host.invalid:443") in msg
+    assert "hf download no-such-org/no-such-model --local-dir DIR" in msg and "set pipeline.model: DIR" in msg
+
+
+def test_offline_vae_names_the_vae(monkeypatch, tmp_path):
+    from genalign.config import PipelineConfig
+    from genalign.errors import WeightsNotFoundError
+    from genalign.pipelines.base import load_pipeline_from_config
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsNotFoundError, match=r"^pipeline.vae: 'madebyollin/sdxl-vae-fp16-fix' is not a local "
+                                                   r"Diffusers folder.*HF_HUB_OFFLINE is set"):
+        load_pipeline_from_config(PipelineConfig(model="tiny:sdxl", vae="madebyollin/sdxl-vae-fp16-fix"))
+
+
+def test_missing_local_path_is_not_treated_as_a_hub_id(tmp_path):
+    from genalign.errors import WeightsNotFoundError
+    from genalign.pipelines.base import load_diffusers_pipeline
+
+    with pytest.raises(WeightsNotFoundError, match="not a Diffusers folder .no such directory."):
+        load_diffusers_pipeline(str(tmp_path / "models" / "nope"))
+
+
+def test_cli_generate_offline_is_one_line(monkeypatch, tmp_path, capsys):
+    from genalign.cli import main
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["generate", "no-such-org/no-such-model", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "hf download no-such-org/no-such-model" in err

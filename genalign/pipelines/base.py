@@ -45,12 +45,46 @@ def resolve_model_path(model: str) -> str:
     return model
 
 
+def hub_offline_reason(timeout_s: float = 3.0) -> str | None:
+    """Why the Hugging Face Hub cannot be reached, or None when it may be: ``HF_HUB_OFFLINE`` is set, or a TCP
+    connection to the hub's host (``HF_ENDPOINT``, default huggingface.co, port 443) fails within ``timeout_s``
+    seconds. Behind an HTTP(S) proxy the direct probe says nothing, so None is returned (the library decides).
+
+    Source: huggingface_hub's ``HF_HUB_OFFLINE`` / ``HF_ENDPOINT`` conventions; the probe is a plain socket connect.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() not in ("0", "", "false", "no", "off"):
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as err:
+        return f"no network: cannot reach {host}:{port} ({type(err).__name__})"
+    return None
+
+
+def offline_model_message(field: str, model: str, reason: str) -> str:
+    """The one-line message for a hub id that cannot be fetched: the reason and how to give a local folder."""
+    return (f"{field}: {model!r} is not a local Diffusers folder nor in the Hugging Face cache, and {reason}. On a machine "
+            f"with network run `hf download {model} --local-dir DIR`, copy DIR here and set {field}: DIR")
+
+
 def load_diffusers_pipeline(model: str, revision: str | None = None, torch_dtype: torch.dtype | None = None,
                             trust_remote_code: bool = False, **kwargs):
     """``DiffusionPipeline.from_pretrained`` with a clear error when the model is unavailable offline.
 
+    A hub id is first looked up in the local Hugging Face cache (``local_files_only``); when it is not there and
+    the hub is unreachable (:func:`hub_offline_reason`: ``HF_HUB_OFFLINE`` or no network), the error comes at once
+    instead of after the library's retries.
+
     Raises:
-        WeightsNotFoundError: not a local folder and not downloadable; the message says how to provide it.
+        WeightsNotFoundError: not a local folder and not downloadable; one line saying why (no network,
+            ``HF_HUB_OFFLINE``, or the hub's own error) and how to point ``pipeline.model`` at a local folder.
     """
     from diffusers import DiffusionPipeline
 
@@ -63,19 +97,25 @@ def load_diffusers_pipeline(model: str, revision: str | None = None, torch_dtype
             raise ValueError(f"pipeline.model: unknown tiny model {model!r}; known: {', '.join(builders)}")
         return builders[model]()
     path = resolve_model_path(model)
+    load = dict(revision=revision, torch_dtype=torch_dtype, trust_remote_code=trust_remote_code, **kwargs)
+    if os.path.isdir(path):
+        return DiffusionPipeline.from_pretrained(path, **load)
+    if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1:
+        raise WeightsNotFoundError(f"pipeline.model: {model!r} is not a Diffusers folder (no such directory) and "
+                                   "not a hub id (owner/name)")
+    reason = hub_offline_reason()
+    if reason is not None:
+        try:  # the files may be in the HF cache already
+            return DiffusionPipeline.from_pretrained(path, local_files_only=True, **load)
+        except (OSError, ValueError, EnvironmentError):
+            raise WeightsNotFoundError(offline_model_message("pipeline.model", model, reason)) from None
     try:
-        return DiffusionPipeline.from_pretrained(path, revision=revision, torch_dtype=torch_dtype,
-                                                 trust_remote_code=trust_remote_code, **kwargs)
+        return DiffusionPipeline.from_pretrained(path, **load)
     except (OSError, ValueError, EnvironmentError) as err:
-        if os.path.isdir(path):
-            raise
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         raise WeightsNotFoundError(
             f"pipeline.model: cannot load {model!r} ({type(err).__name__}: {str(err).splitlines()[0][:160]}). "
             "Provide a local Diffusers folder (`pipeline.model: /path/to/model`, e.g. made with "
-            "`huggingface-cli download <id> --local-dir DIR` on a machine with network)"
-            + (", or unset HF_HUB_OFFLINE" if offline else ", or allow network access to the Hugging Face Hub")
-            + "."
+            f"`hf download {model} --local-dir DIR` on a machine with network)."
         ) from None
 
 
@@ -130,9 +170,12 @@ def load_pipeline_from_config(cfg):
     if cfg.vae:
         from diffusers import AutoencoderKL
 
-        try:
-            kwargs["vae"] = AutoencoderKL.from_pretrained(cfg.vae)
+        reason = None if os.path.isdir(cfg.vae) else hub_offline_reason()
+        try:  # offline: only the HF cache, at once (no retries)
+            kwargs["vae"] = AutoencoderKL.from_pretrained(cfg.vae, local_files_only=reason is not None)
         except OSError as err:
+            if reason is not None:
+                raise WeightsNotFoundError(offline_model_message("pipeline.vae", cfg.vae, reason)) from None
             raise WeightsNotFoundError(f"pipeline.vae: cannot load {cfg.vae!r}: {str(err).splitlines()[0][:160]}. "
                                        "Provide a local folder or allow network access.") from None
     pipe = load_diffusers_pipeline(cfg.model, cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs)
