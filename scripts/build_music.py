@@ -2,7 +2,7 @@
 
 Usage::
 
-    OMP_NUM_THREADS=1 python scripts/build_music.py [--stages corpus,classifier,clap,base,stats,eval]
+    OMP_NUM_THREADS=1 python scripts/build_music.py [--stages corpus,classifier,clap,base,stats,eval,clips]
         [--per-style 40] [--cache runs/music/corpus.pt] [--wav-dir runs/music/base_samples]
 
 Needs ``pip install -e ".[music]"`` (music21). Writes into ``genalign/assets/music/``:
@@ -10,7 +10,8 @@ Needs ``pip install -e ".[music]"`` (music21). Writes into ``genalign/assets/mus
 ``builtin:music`` Diffusers folder + its ``build_report.json``), ``heldout_stats_classifier.safetensors`` (Gaussian
 of the classifier features of the held-out real clips, for FAD), ``prompts_train.txt`` / ``prompts_heldout.txt``
 and ``build_report.json`` (every figure: skipped files, accuracies, VAE posterior-noise check, base held-out
-rewards and FAD). Stages can run in separate processes (the rendered corpus is cached with ``--cache``).
+rewards and FAD). The ``clips`` stage writes the train clips as WAV files for ``configs/ddo_music.yaml``
+(``--clips-dir``, default ``runs/music/train_clips``). Stages can run in separate processes (the rendered corpus is cached with ``--cache``).
 """
 
 from __future__ import annotations
@@ -173,6 +174,23 @@ def stage_eval(data, args) -> None:
     _update_report(evaluation=out)
 
 
+def stage_clips(data, args) -> None:
+    """Write the rendered train clips as WAV files + ``metadata.jsonl`` (``{"file_name", "prompt"}``) to
+    ``--clips-dir``: the real-data source of ``configs/ddo_music.yaml`` (not shipped: ~30 MB)."""
+    from genalign.data.audio import save_audio
+
+    tr = data["train"]
+    out = Path(args.clips_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, (w, cap) in enumerate(zip(tr.waveforms, tr.captions)):
+        name = f"{i:05d}.wav"
+        save_audio(out / name, w, tr.sample_rate)
+        rows.append(json.dumps({"file_name": name, "prompt": cap}))
+    (out / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    print(f"clips: {len(rows)} WAV files in {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stages", default="corpus,classifier,clap,base,stats,eval")
@@ -187,13 +205,14 @@ def main() -> None:
     ap.add_argument("--dit-batch", type=int, default=24)
     ap.add_argument("--eval-clips", type=int, default=96)
     ap.add_argument("--wav-dir", default=None, help="write a few base / real WAV files here (listening samples)")
+    ap.add_argument("--clips-dir", default="runs/music/train_clips", help="stage clips: where the train WAVs go")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     t0 = time.time()
     data = load_corpus(args)
     stages = {"corpus": stage_corpus, "classifier": stage_classifier, "clap": stage_clap, "base": stage_base,
-              "stats": stage_stats, "eval": stage_eval}
+              "stats": stage_stats, "eval": stage_eval, "clips": stage_clips}
     for name in args.stages.split(","):
         t = time.time()
         stages[name](data, args)

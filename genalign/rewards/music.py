@@ -294,8 +294,8 @@ class MusicStyleReward(_MusicClassifierReward):
 class MusicCLAPScore(CLAPScore):
     """:class:`~genalign.rewards.clap.CLAPScore` whose default weights are the shipped tiny music CLAP.
 
-    The shipped ``preprocessor_config.json`` sets the front end to 4 kHz (n_fft 256, hop 40, 64 mels, 20 Hz–2 kHz),
-    so 10 s windows give the ``(B, 1, 1001, 64)`` input of the HTS-AT tower. Args, shapes and raises as
+    The shipped ``preprocessor_config.json`` sets the front end to 4 kHz (n_fft 256, hop 80, 32 mels, 20 Hz–2 kHz),
+    so 10 s windows give the ``(B, 1, 501, 32)`` input of the HTS-AT tower (``spec_size`` 128). Args, shapes and raises as
     :class:`~genalign.rewards.clap.CLAPScore` (``sample_rate`` defaults to 4 kHz).
     """
 
@@ -333,7 +333,8 @@ def clap_tokenizer(captions: list[str], vocab_size: int = 400):
 
 def music_clap_config(vocab_size: int):
     """Tiny ``ClapConfig`` (rewards.md §6 tiny build with the caption vocabulary): text 2 × 32, audio HTS-AT
-    16 → 32 (depths [1, 1]), 64 mels, projection 32, no fusion."""
+    16 → 32 (depths [1, 1]) on 32 mels with ``spec_size`` 128 (a 10 s window of 501 frames folds into a 128 × 128
+    image: a quarter of the default's patches), projection 32, no fusion."""
     from transformers import ClapConfig
 
     return ClapConfig(
@@ -341,14 +342,14 @@ def music_clap_config(vocab_size: int):
                          intermediate_size=64, projection_dim=32, max_position_embeddings=72, pad_token_id=1,
                          bos_token_id=0, eos_token_id=2),
         audio_config=dict(patch_embeds_hidden_size=16, hidden_size=32, depths=[1, 1], num_attention_heads=[2, 2],
-                          window_size=8, spec_size=256, num_mel_bins=64, projection_dim=32, enable_fusion=False),
+                          window_size=8, spec_size=128, num_mel_bins=32, projection_dim=32, enable_fusion=False),
         projection_dim=32,
     )
 
 
-MUSIC_CLAP_PREPROCESSOR = {  # 4 kHz front end: 10 s → 1001 frames of 64 mels (the HTS-AT input size)
+MUSIC_CLAP_PREPROCESSOR = {  # 4 kHz front end: 10 s → 501 frames of 32 mels (HTS-AT spec_size 128: 4x cheaper)
     "feature_extractor_type": "ClapFeatureExtractor", "sampling_rate": SAMPLE_RATE, "fft_window_size": 256,
-    "hop_length": 40, "feature_size": 64, "frequency_min": 20.0, "frequency_max": 2000.0,
+    "hop_length": 80, "feature_size": 32, "frequency_min": 20.0, "frequency_max": 2000.0,
     "max_length_s": 10, "truncation": "rand_trunc", "padding": "repeatpad", "return_attention_mask": False,
 }
 
