@@ -123,6 +123,16 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--no-samples", action="store_true", help="skip generating the sample grids")
     rp.add_argument("--device", default=None)
 
+    pl = sub.add_parser("plan", help="pre-flight: parameters, peak memory per GPU, step time, data and sequence "
+                        "checks; exit 1 if the run would not fit or not start")
+    pl.add_argument("config")
+    pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    pl.add_argument("--gpus", type=int, default=1)
+    pl.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU")
+    pl.add_argument("--gpu", default="A100", help="GPU for the step-time estimate (H100, A100, L40S, A10G, L4, RTX4090)")
+    pl.add_argument("--parallelism", default="ddp", choices=["ddp", "zero2", "fsdp"])
+    pl.add_argument("--online", action="store_true", help="read unshipped model configs from the hub")
+
     ls = sub.add_parser("list", help="list registered objectives, rewards and pipelines")
     ls.add_argument("what", nargs="?", choices=["objectives", "rewards", "pipelines"], default=None)
     return p
@@ -255,10 +265,16 @@ def _cmd_relabel(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from genalign.evaluation.report import write_report
+    from genalign import api
 
-    print(f"wrote {write_report(args.run_dir, args.out, samples=not args.no_samples, device=args.device)}")
+    print(f"wrote {api.report(args.run_dir, args.out, samples=not args.no_samples, device=args.device)}")
     return 0
+
+
+def _cmd_plan(args) -> int:
+    from genalign.plan import run_cli
+
+    return run_cli(args.config, args.overrides, args.gpus, args.gpu_memory, args.gpu, args.parallelism, args.online)
 
 
 def _cmd_list(args) -> int:
@@ -303,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
 
     handlers = {"train": _cmd_train, "generate": _cmd_generate, "export": _cmd_export, "score": _cmd_score,
                 "relabel": _cmd_relabel, "report": _cmd_report,
-                "list": _cmd_list}
+                "plan": _cmd_plan, "list": _cmd_list}
     try:
         return handlers[args.command](args)
     except (ConfigError, WeightsNotFoundError, RewardError, NonFiniteLossError, OSError) as err:
