@@ -19,7 +19,7 @@ import yaml
 from genalign.config import LMRunConfig, RunConfig
 from genalign.config import load_config as _load_config
 
-__all__ = ["load_config", "train", "export", "generate", "score"]
+__all__ = ["load_config", "train", "export", "generate", "score", "report"]
 
 QUICKSTART = Path(__file__).resolve().parent / "assets" / "quickstart.yaml"
 
@@ -160,3 +160,21 @@ def score(samples, rewards: list, batch_size: int = 8, device: str | None = None
     specs = [{"name": r} if isinstance(r, str) else r for r in rewards]
     return score_samples(str(samples), specs, batch_size=batch_size, device=device, prompts=prompts,
                          modality=modality, progress=progress)
+
+
+def report(run_dir, out=None, samples: bool = True, device: str | None = None) -> Path:
+    """Write a run's self-contained HTML report (default ``RUN_DIR/report.html``): diffusion runs with before/after
+    sample grids and reward curves (:func:`genalign.evaluation.report.write_report`), LM runs with their training
+    curves (:func:`genalign.training.lm.report.write_lm_report`).
+
+    Raises:
+        FileNotFoundError: no run folder / no summary.
+    """
+    run_dir = Path(run_dir)
+    if _run_family(run_dir) == "lm":
+        from genalign.training.lm.report import write_lm_report
+
+        return write_lm_report(run_dir, out)
+    from genalign.evaluation.report import write_report
+
+    return write_report(run_dir, out, samples=samples, device=device)

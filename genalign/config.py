@@ -313,6 +313,7 @@ class LMExportConfig(Strict):
 
     enabled: bool = True
     merge_lora: bool = True
+    report: bool = Field(True, description="write RUN_DIR/report.html (summary, training curves, config)")
 
 
 class LMRunConfig(Strict):

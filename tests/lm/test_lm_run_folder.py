@@ -35,6 +35,9 @@ def test_api_trains_treg_tiny_and_writes_the_run_folder(tmp_path):
     assert (ck / "COMPLETE").exists() and (ck / "config.yaml").exists() and (ck / "trainer_state.json").exists()
     assert not list((run / "checkpoints").glob(".tmp-*"))  # the staging folder is gone
     assert json.loads((run / "summary.json").read_text())["objective"] == "treg"
+    page = (run / "report.html").read_text()
+    assert "Training curves" in page and 'alt="loss"' in page and "run report: treg (language)" in page
+    assert main(["report", str(run), "--out", str(tmp_path / "r.html")]) == 0 and (tmp_path / "r.html").exists()
     from transformers import AutoModelForCausalLM
 
     merged = AutoModelForCausalLM.from_pretrained(run / "export")

@@ -2,7 +2,7 @@
 
 ``RUN_DIR/config.yaml`` (resolved config) · ``logs/metrics.jsonl`` (TRL's log history) ·
 ``checkpoints/step_NNNNNN/`` (HF Trainer state: weights or adapter, optimizer, scheduler, RNG, ``trainer_state.json``;
-plus ``config.yaml`` and a ``COMPLETE`` marker; written under a temporary name and renamed) · ``summary.json`` ·
+plus ``config.yaml`` and a ``COMPLETE`` marker; written under a temporary name and renamed) · ``summary.json`` · ``report.html`` ·
 ``export/`` (merged model + ``adapter/``). ``resume="latest"`` continues from the newest complete checkpoint with the
 HF Trainer's exact resume (data order, RNG, optimizer). The folder rules (refusal, lock, resume config check) are
 :mod:`genalign.training.run_folder`'s, as for diffusion runs.
@@ -28,6 +28,7 @@ from genalign.registry import objectives as OBJECTIVES
 from genalign.training import checkpoint as ckpt
 from genalign.training import run_folder
 from genalign.training.lm.export import export_lm
+from genalign.training.lm.report import write_lm_report
 from genalign.training.lm.model import build_bundle, peft_and_reference
 from genalign.training.lm.synthetic import make_arithmetic_preference_rows
 from genalign.training.lm.trainers import PreferenceTrainer
@@ -226,4 +227,6 @@ def _train_locked(cfg: LMRunConfig, run_dir: Path, resume: str | None, progress:
     tmp = run_dir / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2, default=str))
     tmp.replace(run_dir / "summary.json")
+    if cfg.export.report:
+        write_lm_report(run_dir)
     return summary
