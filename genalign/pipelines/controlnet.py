@@ -308,7 +308,8 @@ class ControlNetAdapter(DiffusionAdapter):
     @torch.no_grad()
     def sample(self, prompts: list[str], conditions: torch.Tensor | None = None, num_inference_steps: int = 25,
                guidance_scale: float = 1.0, generator=None, batch_size: int = 16, **kwargs) -> torch.Tensor:
-        """Images ``(N, 3, H, W)`` in [0, 1] from the ControlNet pipeline (eval mode, no grad).
+        """Images ``(N, 3, H, W)`` in [0, 1] from the ControlNet pipeline (eval mode, no grad; under autocast when
+        the frozen parts are half precision, since the ControlNet stays fp32).
 
         Args:
             prompts: N prompts.
@@ -324,14 +325,18 @@ class ControlNetAdapter(DiffusionAdapter):
         was = cn.training
         cn.eval()
         self.pipe.controlnet = cn
+        # frozen parts in half precision, the ControlNet in fp32: autocast runs the mixed forward, as in training
+        half = self.weight_dtype in (torch.float16, torch.bfloat16)
         try:
             out = []
             for i in range(0, len(prompts), batch_size):
                 gen = generator[i:i + batch_size] if isinstance(generator, list) else generator
-                imgs = self.pipe(prompts[i:i + batch_size], image=conditions[i:i + batch_size].float().to(self.device),
-                                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                                 generator=gen, output_type="pt", height=self.resolution, width=self.resolution,
-                                 controlnet_conditioning_scale=self.conditioning_scale, **kwargs).images
+                with torch.autocast(self.device.type, dtype=self.weight_dtype, enabled=half):
+                    imgs = self.pipe(prompts[i:i + batch_size],
+                                     image=conditions[i:i + batch_size].float().to(self.device),
+                                     num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                     generator=gen, output_type="pt", height=self.resolution, width=self.resolution,
+                                     controlnet_conditioning_scale=self.conditioning_scale, **kwargs).images
                 out.append(imgs.float().cpu())
             return torch.cat(out)
         finally:

@@ -308,6 +308,9 @@ class FewStepMixin:
         unet = self.denoiser()
         was_training = unet.training
         unet.eval()
+        # a full fine-tune keeps the trained UNet in fp32 beside half-precision frozen parts: run under autocast,
+        # as training does (the sampler's own arithmetic stays fp32)
+        half = self.weight_dtype in (torch.float16, torch.bfloat16)
         try:
             out = []
             for i in range(0, len(prompts), batch_size):
@@ -316,9 +319,10 @@ class FewStepMixin:
                 z = self.initial_noise(len(chunk), gen)
                 cond = self.encode_prompt(chunk)
                 g_eta = gen[0] if isinstance(gen, list) else gen
-                x0 = self.generate_latents(z, cond, unet=unet, eta=self.eta_inference if eta is None else eta,
-                                           generator=g_eta, guidance_scale=guidance_scale,
-                                           num_steps=num_inference_steps)[-1]
+                with torch.autocast(self.device.type, dtype=self.weight_dtype, enabled=half):
+                    x0 = self.generate_latents(z, cond, unet=unet, eta=self.eta_inference if eta is None else eta,
+                                               generator=g_eta, guidance_scale=guidance_scale,
+                                               num_steps=num_inference_steps)[-1]
                 out.append(self.decode(x0).float().cpu())
             return torch.cat(out)
         finally:
