@@ -346,9 +346,7 @@ def _is_lm(data: dict) -> bool:
 
 def _format_error(err: ValidationError, source: str, prefix: str = "") -> str:
     e = err.errors()[0]
-    # Drop pydantic's tagged-union markers so the key reads like the YAML path.
-    loc = [str(p) for p in e["loc"] if str(p) not in ("onpolicy", "preference", "prompts", "images")]
-    key = ".".join(([prefix] if prefix else []) + loc) or "(root)"
+    key = _error_key(err, prefix) or "(root)"
     value = e.get("input")
     if isinstance(value, dict):
         value = "{...}"
@@ -363,7 +361,9 @@ _UNION_TAGS = ("onpolicy", "preference", "prompts", "images")
 def _error_key(err: ValidationError, prefix: str = "") -> str:
     """The failing key as the user writes it: ``data.source.rounds`` (pydantic's union tags dropped), list
     elements by index (``rewards.0.weight``)."""
-    loc = [str(p) for p in err.errors()[0]["loc"] if str(p) not in _UNION_TAGS]
+    # a key with a newline or control character is shown escaped, so the error stays one line
+    loc = [str(p) if str(p).isprintable() else repr(str(p)) for p in err.errors()[0]["loc"]
+           if str(p) not in _UNION_TAGS]
     return ".".join(([prefix] if prefix else []) + loc)
 
 

@@ -133,3 +133,10 @@ def test_lm_objective_on_a_diffusion_pipeline_names_diffusion_dpo():
         load_config(None, ["objective.name=dpo"])
     with pytest.raises(ConfigError, match="video-LM training is implemented for rrpo only"):
         load_config(ROOT / "configs" / "treg_tiny.yaml", ["pipeline.name=video_language"])
+
+
+def test_a_key_with_a_newline_still_gives_one_line(tmp_path):
+    p = write(tmp_path, {"pipeline": {"\n": None}})
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert "\n" not in str(e.value) and "pipeline.'\\n'" in str(e.value)
