@@ -104,3 +104,30 @@ def test_malformed_lm_rows_are_counted_skips_and_a_missing_file_is_one_line(tmp_
                  *common]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "nope.jsonl" in err
+
+
+def test_crash_then_resume_latest_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    """A run that dies after its step-2 checkpoint and is resumed with the SAME config (cosine schedule, warm-up,
+    LoRA dropout) ends bit-identical to an uninterrupted run."""
+    from genalign.training.lm import PreferenceTrainer
+
+    sets = SMALL + ["train.steps=4", "train.checkpoint_every=2", "train.lr_scheduler=cosine", "train.warmup_ratio=0.25"]
+    cfg = genalign.load_config(TREG, sets)
+    genalign.train(cfg, tmp_path / "full", progress=False)
+    original = PreferenceTrainer.training_step
+
+    def dying_step(self, *a, **kw):
+        if self.state.global_step >= 2:
+            raise RuntimeError("simulated crash after the step-2 checkpoint")
+        return original(self, *a, **kw)
+
+    monkeypatch.setattr(PreferenceTrainer, "training_step", dying_step)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        genalign.train(cfg, tmp_path / "part", progress=False)
+    monkeypatch.setattr(PreferenceTrainer, "training_step", original)
+    assert not (tmp_path / "part" / "summary.json").exists()
+    summary = genalign.train(cfg, tmp_path / "part", resume="latest", progress=False)
+    assert summary["resumed_from"].endswith("step_000002")
+    a, b = _adapter(tmp_path / "full"), _adapter(tmp_path / "part")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
