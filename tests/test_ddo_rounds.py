@@ -77,3 +77,48 @@ def test_sample_latents_is_batch_independent_on_an_image_pipeline():
     assert sd.denoiser().training  # training mode restored
     with pytest.raises(ValueError):
         sample_latents(sd, prompts, gens()[:2])
+
+
+def test_ddo_fd_selection_loads_the_best_candidate_and_switches_from_it():
+    from genalign.config import LoraConfig
+    from genalign.objectives.ddo import DDO
+    from genalign.pipelines.lora import trainable_snapshot
+    from genalign.pipelines.sd import SDAdapter
+    from genalign.pipelines.tiny import tiny_sd_pipeline
+
+    sd = SDAdapter(tiny_sd_pipeline(), lora=LoraConfig(rank=4))
+    obj = DDO(DDO.Config(rounds=2, steps_per_round=3, round_selection="fd", selection_every=1), sd)
+    obj.total_steps = 6
+    scores = iter([3.0, 1.0, 2.0])  # candidates at steps 1, 2, then the round end at step 3
+    obj.selection_score = lambda: next(scores)
+    snaps, g = {}, torch.Generator().manual_seed(0)
+    for step in (1, 2, 3):
+        with torch.no_grad():
+            for p in sd.trainable_parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+        snaps[step] = trainable_snapshot(sd.denoiser())
+        res = obj.on_step_end(step)
+    assert res.reset_optimizer_state and obj.round == 1  # the round ended and the reference switched
+    assert [h.get("fd") for h in obj.history if "fd" in h] == [3.0, 1.0, 2.0]
+    assert obj.history[-1] == {"round": 0, "selected_step": 2, "end_step": 3}
+    assert len(obj.merged) == 1 and all(torch.equal(obj.merged[0][k], snaps[2][k]) for k in snaps[2])  # step 2 won
+    assert obj.best.best == {}
+
+
+def test_frechet_selector_is_deterministic_and_pools_features():
+    from genalign.config import LoraConfig
+    from genalign.evaluation.selection import FrechetSelector, pool_features
+    from genalign.pipelines.sd import SDAdapter
+    from genalign.pipelines.tiny import tiny_sd_pipeline
+
+    assert pool_features(torch.randn(5, 4, 8, 8)).shape == (5, 64)
+    assert pool_features(torch.randn(5, 8, 64)).shape == (5, 32)
+    assert pool_features(torch.randn(5, 4, 2, 2)).shape == (5, 16)
+    sd = SDAdapter(tiny_sd_pipeline(), lora=LoraConfig(rank=4))
+    real = torch.randn(32, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    sel = FrechetSelector([f"a handwritten digit {i % 10}" for i in range(32)], real, num_samples=8,
+                          num_inference_steps=2)
+    a, b = sel.score(sd), sel.score(sd)
+    assert a == b and a > 0  # same prompts and seeds for every candidate
+    with pytest.raises(ValueError):
+        FrechetSelector(["x"], real, features="digits")
