@@ -94,7 +94,8 @@ def test_report_html_structure(run_dir, report):
 
 
 def test_report_cli_reuses_samples_and_writes_elsewhere(run_dir, report, tmp_path, capsys):
-    png = run_dir / "samples" / "heldout-trained" / "00000.png"
+    folder = run_dir / "samples" / "heldout-trained"
+    png = folder / json.loads((folder / "metadata.jsonl").read_text().splitlines()[0])["file_name"]
     stamp = png.stat().st_mtime_ns
     out = tmp_path / "r" / "page.html"
     assert main(["report", str(run_dir), "--out", str(out)]) == 0
@@ -166,5 +167,164 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
         bad.write_text('<img class="sample" src="data:image/png;base64,AAAA">')
         driver.get(bad.as_uri())
         assert driver.execute_script("return document.images[0].naturalWidth") == 0
+    finally:
+        driver.quit()
+
+
+# -- the report reads what training kept (issue 17) ----------------------------------------------------------------
+def _kept_run(root: Path, audio: bool = False) -> Path:
+    """A run folder as training leaves it, made by hand: 2 prompts x 3 seeds per side, rows split over two ranks
+    and written out of order, known rewards (trained wins 4, ties 1, loses 1 on "r")."""
+    run = root / "run"
+    for which in ("base", "trained"):
+        (run / "samples" / f"heldout-{which}").mkdir(parents=True)
+    (run / "config.yaml").write_text("pipeline: {model: 'no-such-model-folder'}\nvalidation: {num_inference_steps: 3, "
+                                     "guidance_scale: 1.0}\n")
+    base_r = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    trained_r = [0.2, 0.2, 0.5, 0.9, 0.4, 0.7]
+    prompts = ["a handwritten one"] * 3 + ["a handwritten two"] * 3
+    for which, vals in (("base", base_r), ("trained", trained_r)):
+        folder = run / "samples" / f"heldout-{which}"
+        rows = {0: [], 1: []}
+        for i, v in enumerate(vals):
+            if audio:
+                import soundfile as sf
+                import numpy as np
+
+                name = f"sample_{i:05d}.wav"
+                sf.write(folder / name, (0.1 * np.sin(np.arange(800) * (i + 1) / 10)).astype("float32"), 8000)
+            else:
+                name = f"sample_{i:05d}.png"
+                Image.new("RGB", (8, 8), (int(255 * v), 0, 0 if which == "base" else 255)).save(folder / name)
+            rows[i % 2].append({"file_name": name, "index": i, "prompt": prompts[i], "seed": 1234 + i,
+                                "sample": i % 3, "rewards": {"r": v, "s": -v}})
+        for rank, rs in rows.items():
+            (folder / f"metadata.rank{rank}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reversed(rs)))
+    summary = {"objective": "mapo", "model": "tiny", "steps": 4, "reward_before": {"r": sum(base_r) / 6},
+               "reward_after": {"r": sum(trained_r) / 6}, "heldout_prompts": "digits:heldout", "samples_per_prompt": 3,
+               "phase_seconds": {"evaluate base": 12.5, "train": 30.0},
+               "history": [{"step": 2, "val/reward/r": 0.4}, {"step": 2, "val/fd": 30.0}, {"step": 4, "val/fd": 35.0}],
+               "fidelity": {"frechet_distance": {"before": 22.8, "after": 36.8}}}
+    (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+def test_report_reads_kept_samples_and_never_draws(tmp_path, monkeypatch):
+    import genalign.evaluation.samples as samples_mod
+    from genalign.evaluation.report import build_report_html
+
+    def no_drawing(*a, **k):
+        raise AssertionError("the report drew samples although training kept them")
+
+    monkeypatch.setattr(samples_mod, "run_samples", no_drawing)
+    monkeypatch.setattr(samples_mod, "_generate", no_drawing)
+    run = _kept_run(tmp_path)
+    out = write_report(run)
+    doc = _parse(out)
+    text = "".join(doc.text)
+    imgs = [a for t, a in doc.tags if t == "img" and "sample" in a.get("class", "")]
+    assert len([a for a in imgs if "base" in a["class"]]) == 6 and len([a for a in imgs if "trained" in a["class"]]) == 6
+    # side by side: one column per seed, base row then trained row, the same seed in each column
+    page = out.read_text()
+    block = page[page.index('id="prompt-0"'):page.index('id="prompt-1"')]
+    assert block.index("1234") < block.index("1235") < block.index("1236") < block.index('class="base"') < \
+        block.index('class="trained"')
+    assert "a handwritten one" in block and "a handwritten two" not in block
+    # per-prompt means before / after (hand values), the change with its sign
+    assert "0.2000" in block and "0.3000" in block and "+0.1000" in block  # prompt 1: r 0.2 -> 0.3
+    block2 = page[page.index('id="prompt-1"'):page.index('id="winrate"')]
+    assert "0.5000" in block2 and "0.6667" in block2 and "+0.1667" in block2  # prompt 2: r 0.5 -> 0.6667
+    # per-sample win rate: 4 wins, 1 tie, 1 loss -> (4 + 0.5) / 6; for "s" (= -r) 1 win, 1 tie, 4 losses
+    win = page[page.index('id="winrate"'):page.index('id="histogram"')]
+    assert "0.7500" in win and "4 / 1 / 1" in win and "1 / 1 / 4" in win and "0.2500" in win
+    # histogram (one per reward), the reward curve, fidelity rows + FD curve, phase times
+    hist = page[page.index('id="histogram"'):page.index('id="fidelity"')]
+    assert hist.count('class="plot"') == 2
+    fid = page[page.index('id="fidelity"'):page.index('id="config"')]
+    assert "frechet_distance" in fid and "22.8000" in fid and "36.8000" in fid and 'class="plot"' in fid
+    assert "evaluate base" in text and "12.5 s" in text
+    # the manifest genalign score reads is written beside the kept samples
+    rows = [json.loads(x) for x in (run / "samples" / "heldout-base" / "metadata.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(6)) and rows[0]["seed"] == 1234
+    assert not (run / "samples" / "heldout-base" / "generation.json").exists()
+    # keyed by the run, not by the path's spelling: the same page through another spelling
+    other = build_report_html(Path(str(run) + "/../run/."))
+    strip = lambda s: s.split("written ")[1].split("</p>", 1)[1]  # noqa: E731  (drop the time stamp line)
+    assert strip(other) == strip(page)
+
+
+def test_pair_by_prompt_pairs_by_seed_not_position():
+    from genalign.evaluation.report import pair_by_prompt, paired_win_rates
+
+    base = [{"prompt": "p", "seed": 2, "rewards": {"r": 0.0}}, {"prompt": "p", "seed": 1, "rewards": {"r": 1.0}}]
+    trained = [{"prompt": "p", "seed": 1, "rewards": {"r": 2.0}}, {"prompt": "p", "seed": 2, "rewards": {"r": -1.0}},
+               {"prompt": "q", "seed": 3, "rewards": {"r": 5.0}}]
+    groups = pair_by_prompt(base, trained)
+    assert [(g["prompt"], [(s, b and b["rewards"]["r"], t and t["rewards"]["r"]) for s, b, t in g["pairs"]])
+            for g in groups] == [("p", [(2, 0.0, -1.0), (1, 1.0, 2.0)]), ("q", [(3, None, 5.0)])]
+    (w,) = paired_win_rates(groups)
+    assert (w["name"], w["n"], w["wins"], w["losses"], w["win_rate"]) == ("r", 2, 1, 1, 0.5)  # unpaired q left out
+
+
+def test_audio_run_gets_players(tmp_path):
+    pytest.importorskip("soundfile")
+    run = _kept_run(tmp_path, audio=True)
+    doc = _parse(write_report(run))
+    players = [a for t, a in doc.tags if t == "audio"]
+    assert len(players) == 12 and all("controls" in a and a["src"].startswith("data:audio/wav;base64,") for a in players)
+    assert not [a for t, a in doc.tags if t == "img" and "sample" in a.get("class", "")]
+
+
+def test_fidelity_figures_from_objective_metrics():
+    from genalign.evaluation.report import fidelity_figures
+
+    s = {"objective_metrics": {"round_history": [{"round": 0, "step": 5, "fd": 3.0}, {"round": 0, "selected_step": 5},
+                                                 {"round": 1, "step": 10, "fd": 2.5}]},
+         "history": [{"step": 1, "loss": 1.0, "val/frechet_distance": 9.0}]}
+    f = fidelity_figures(s)
+    assert f["curves"] == {"selection FD (per round)": [(5, 3.0), (10, 2.5)], "val/frechet_distance": [(1, 9.0)]}
+    assert f["rows"] == [] and fidelity_figures(None) == {"rows": [], "curves": {}}
+
+
+def test_report_screenshot_shows_the_side_by_side_section(tmp_path):
+    """Headless Chromium renders the side-by-side section: every sample image decoded, base above trained in the
+    same column for the same seed; the screenshot is kept as tests' artefact (GENALIGN_SCREENSHOT_DIR)."""
+    reason = _chromium_missing()
+    if reason:
+        pytest.skip(reason)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    page = write_report(_kept_run(tmp_path))
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1600"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    try:
+        driver.set_page_load_timeout(60)
+        driver.get(page.resolve().as_uri())
+        section = driver.find_element("id", "samples")
+        driver.execute_script("arguments[0].scrollIntoView()", section)
+        boxes = driver.execute_script("""
+            return Array.from(document.querySelectorAll('#prompt-0 img.sample')).map(function (im) {
+              var r = im.getBoundingClientRect();
+              return {cls: im.className, x: r.left, y: r.top, w: r.width, h: r.height, nw: im.naturalWidth};
+            });""")
+        base = [b for b in boxes if "base" in b["cls"]]
+        trained = [b for b in boxes if "trained" in b["cls"]]
+        assert len(base) == len(trained) == 3
+        for b, t in zip(base, trained):
+            assert b["nw"] == 128 and b["w"] >= 64 and t["w"] >= 64
+            assert abs(b["x"] - t["x"]) < 1 and t["y"] > b["y"] + b["h"] - 1  # same column, trained below base
+        assert base[0]["x"] < base[1]["x"] < base[2]["x"]  # seeds side by side
+        shot = Path(os.environ.get("GENALIGN_SCREENSHOT_DIR", tmp_path)) / "report_samples.png"
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        assert section.screenshot(str(shot))
+        img = Image.open(shot).convert("RGB")
+        assert img.width >= 400 and img.height >= 300
+        # the red-channel ramp of the hand-made samples is on screen (not a blank or broken section)
+        colours = img.getcolors(maxcolors=1 << 20)
+        assert any(c[1][2] == 255 and c[1][0] > 100 and c[1][1] == 0 for c in colours)  # a trained sample's pixels
     finally:
         driver.quit()

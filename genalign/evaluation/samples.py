@@ -1,8 +1,12 @@
-"""A run's held-out samples drawn from its export or its base model (``genalign score --run``, the report when
-training did not keep its own samples): ``RUN_DIR/samples/heldout-<which>/`` with PNGs and ``metadata.jsonl``.
+"""A run's held-out samples (``genalign score --run``, the report): ``RUN_DIR/samples/heldout-<which>/``.
 
-Sample ``i`` of the expanded held-out prompt list uses seed ``validation.seed + i``, exactly as the trainer's
-before/after evaluation (:mod:`genalign.evaluation.validation`), so base and trained samples share their noise.
+Training keeps the samples its before/after evaluation drew there (``sample_00000.png`` + ``metadata.rank<r>.jsonl``
+with each sample's rewards, :mod:`genalign.evaluation.validation`); :func:`run_samples` reuses them and only draws
+for runs that have none (old runs), from the export or the base model. Either way the folder gets a
+``metadata.jsonl`` manifest (``file_name``, ``prompt``, ``seed``, ``index``, ``sample``) that ``genalign score``
+reads. Sample ``i`` of the expanded held-out prompt list uses seed ``validation.seed + i``, so base and trained
+samples share their noise. Cached draws are keyed by the run (what the model folder holds, the settings), not by
+how the run's path is spelled.
 
 Source: genalign's own; generation through diffusers ``DiffusionPipeline``.
 """
@@ -16,6 +20,26 @@ from pathlib import Path
 import torch
 
 from genalign.evaluation.scoring import SAMPLES_DIR, read_manifest
+from genalign.evaluation.validation import read_saved_samples
+
+MANIFEST_KEYS = ("file_name", "prompt", "seed", "index", "sample")
+
+
+def ensure_manifest(folder: str | Path) -> list[dict]:
+    """Rows of the samples training kept in ``folder`` (every rank merged, by index), with a ``metadata.jsonl``
+    manifest written beside them when missing so ``genalign score FOLDER`` reads the folder as it is.
+
+    Returns:
+        the rows of :func:`~genalign.evaluation.validation.read_saved_samples` (``[]`` when training kept none).
+    """
+    folder = Path(folder)
+    rows = read_saved_samples(folder) if folder.is_dir() else []
+    if rows and not (folder / "metadata.jsonl").exists():
+        tmp = folder / ".metadata.jsonl.tmp"
+        tmp.write_text("".join(json.dumps({k: r[k] for k in MANIFEST_KEYS if k in r}) + "\n" for r in rows),
+                       encoding="utf-8")
+        tmp.replace(folder / "metadata.jsonl")
+    return rows
 
 
 def _folder_stamp(folder: Path) -> str:
@@ -36,8 +60,10 @@ def run_samples(run_dir: str | Path, which: str = "trained", device: str | torch
 
     Prompts, samples per prompt, sampler steps, guidance and seeds come from the run's ``config.yaml``
     (``validation``): sample ``i`` of the expanded prompt list uses seed ``validation.seed + i``, exactly as the
-    trainer's before/after evaluation does, so ``base`` and ``trained`` grids share their noise. Samples are
-    reused while the model folder, the settings and the files are unchanged (``generation.json`` records them).
+    trainer's before/after evaluation does, so ``base`` and ``trained`` grids share their noise. The samples
+    training kept (the model as trained, before the LoRA merge of the export) are used as they are; drawn samples
+    are reused while the model folder's content, the settings and the files are unchanged (``generation.json``
+    records them; the run's path is not part of the key).
 
     Args:
         run_dir: a run folder (``config.yaml``; ``export/`` for ``which="trained"``).
@@ -63,21 +89,25 @@ def run_samples(run_dir: str | Path, which: str = "trained", device: str | torch
         raise FileNotFoundError(f"{run_dir}: not a run folder (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml")
     v = cfg.validation
+    prompts = [p for p in load_prompts(v.prompts, v.max_prompts) for _ in range(v.samples_per_prompt)]
+    out = run_dir / SAMPLES_DIR / f"heldout-{which}"
+    kept = ensure_manifest(out) if not regenerate else []
+    if kept and [r["prompt"] for r in kept] == prompts and all((out / r["file_name"]).exists() for r in kept):
+        return out  # training's own samples of this run
     if which == "trained":
         model = run_dir / "export"
         if not (model / "model_index.json").exists():
             raise FileNotFoundError(f"{run_dir}: no Diffusers export (export/model_index.json); run "
                                     f"`genalign export {run_dir} {run_dir}/export` first")
-        model_id, stamp = str(model), _folder_stamp(model)
+        model_id, model_key, stamp = str(model), "RUN_DIR/export", _folder_stamp(model)
     else:
         model_id = cfg.pipeline.model
         local = Path(model_id)
+        model_key = str(local.resolve()) if local.is_dir() else model_id
         stamp = _folder_stamp(local) if local.is_dir() else ""
-    prompts = [p for p in load_prompts(v.prompts, v.max_prompts) for _ in range(v.samples_per_prompt)]
-    key = {"model": model_id, "vae": cfg.pipeline.vae if which == "base" else None, "stamp": stamp,
+    key = {"model": model_key, "vae": cfg.pipeline.vae if which == "base" else None, "stamp": stamp,
            "resolution": cfg.pipeline.resolution, "prompts": prompts, "seed": v.seed,
            "num_inference_steps": v.num_inference_steps, "guidance_scale": v.guidance_scale}
-    out = run_dir / SAMPLES_DIR / f"heldout-{which}"
     meta = out / "metadata.jsonl"
     if not regenerate and (out / "generation.json").exists() and meta.exists():
         try:
@@ -113,8 +143,9 @@ def _generate(model_id: str, cfg, prompts: list[str], out: Path, which: str, dev
     pipe.to(dev)
     res = cfg.pipeline.resolution or int(pipe.unet.config.sample_size) * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("*.png"):
-        old.unlink()
+    for pattern in ("*.png", "metadata.rank*.jsonl"):  # nothing of an earlier draw may mix with this one
+        for old in out.glob(pattern):
+            old.unlink()
     n_per = v.samples_per_prompt
     rows = []
     bar = tqdm(total=len(prompts), desc=f"generating {which}", disable=not progress, dynamic_ncols=True)
