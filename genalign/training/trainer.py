@@ -115,13 +115,13 @@ class DiffusionTrainer:
             cpu=not torch.cuda.is_available(), log_with=self.trackers or None,
             kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=tcfg.ddp_timeout_s))],
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")))
-        check_distributed_type(acc)
         set_seed(cfg.seed)
         self.log = RunLog(self.run_dir, enabled=self.progress and acc.is_main_process)
         if acc.is_main_process:
             (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
             self.log.setup_file_logging(self.run_dir / "logs" / "train.log")
+        check_distributed_type(acc)  # logs the type in effect; refuses a preset whose strategy did not take
         acc.wait_for_everyone()
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp, torch.float32)
         with self.log.phase("load model"):
