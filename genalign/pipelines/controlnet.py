@@ -327,6 +327,8 @@ class ControlNetAdapter(DiffusionAdapter):
         self.pipe.controlnet = cn
         # frozen parts in half precision, the ControlNet in fp32: autocast runs the mixed forward, as in training
         half = self.weight_dtype in (torch.float16, torch.bfloat16)
+        # Accelerate's mixed precision returns the ControlNet's residuals in fp32; the frozen UNet wants its dtype
+        hook = cn.register_forward_hook(self._residuals_to_weight_dtype) if half else None
         try:
             out = []
             for i in range(0, len(prompts), batch_size):
@@ -341,6 +343,21 @@ class ControlNetAdapter(DiffusionAdapter):
             return torch.cat(out)
         finally:
             cn.train(was)
+            if hook is not None:
+                hook.remove()
+
+    def _residuals_to_weight_dtype(self, module, args, out):
+        def cast(x):
+            if torch.is_tensor(x):
+                return x.to(self.weight_dtype) if x.is_floating_point() else x
+            if isinstance(x, (list, tuple)) and not hasattr(x, "keys"):
+                return type(x)(cast(v) for v in x)
+            if hasattr(x, "keys"):  # ControlNetOutput
+                for k in list(x.keys()):
+                    x[k] = cast(x[k])
+            return x
+
+        return cast(out)
 
     # -- export ---------------------------------------------------------------------------------------------
     def write_export(self, out_dir: str | Path, cfg=None) -> None:
