@@ -131,3 +131,20 @@ def test_crash_then_resume_latest_equals_an_uninterrupted_run(tmp_path, monkeypa
     a, b = _adapter(tmp_path / "full"), _adapter(tmp_path / "part")
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_a_truncated_latest_checkpoint_is_named_and_the_previous_one_used(tmp_path, capsys):
+    run = tmp_path / "run"
+    sets = SMALL + ["train.steps=4", "train.checkpoint_every=2"]
+    cfg = genalign.load_config(TREG, sets)
+    genalign.train(cfg, run, progress=False)
+    bad = run / "checkpoints" / "step_000004" / "adapter_model.safetensors"
+    bad.write_bytes(bad.read_bytes()[:100])  # COMPLETE marker present, weights truncated
+    capsys.readouterr()
+    assert main(["train", TREG, "-o", str(run), "--quiet", "--resume", str(bad.parent),
+                 *[x for s in sets for x in ("--set", s)]]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "adapter_model.safetensors" in err
+    summary = genalign.train(cfg, run, resume="latest", progress=False)
+    assert summary["resumed_from"].endswith("step_000002") and summary["steps"] == 4
+    assert "step_000004 is corrupt" in capsys.readouterr().out

@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+import datasets
 from datasets import Dataset
 from transformers.trainer_callback import PrinterCallback
 from trl import DPOConfig
@@ -128,6 +129,26 @@ def load_rows(cfg: LMRunConfig, tagged: bool = False, counts: Counter | None = N
     return read(d.train), read(d.eval) if d.eval else None
 
 
+def _pick_checkpoint(run_dir: Path, resume: str | None) -> Path | None:
+    """The checkpoint to resume: the newest complete one that reads (a corrupt newest one is named and the previous
+    one used, for ``latest``), an explicit path that reads, or None.
+
+    Raises:
+        FileNotFoundError: an explicit checkpoint that is incomplete or unreadable (names the file).
+    """
+    for i, cand in enumerate(ckpt.resume_candidates(run_dir, resume)):
+        problem = ckpt.verify_checkpoint(cand)
+        if problem is None:
+            if i:
+                logger.warning("resuming from the previous checkpoint %s instead", cand)
+            return cand
+        if resume != "latest":
+            raise FileNotFoundError(f"--resume {resume}: checkpoint unreadable: {problem}")
+        logger.warning("checkpoint %s is corrupt (%s)", cand, problem)
+        print(f"warning: checkpoint {cand.name} is corrupt ({problem}); trying the previous one")
+    return None
+
+
 def train_lm(cfg: LMRunConfig, run_dir: str | Path, resume: str | None = None, progress: bool = True,
              overwrite: bool = False) -> dict:
     """Train an LM objective with TRL and write the run folder; returns the summary (also ``summary.json``).
@@ -161,11 +182,13 @@ def train_lm(cfg: LMRunConfig, run_dir: str | Path, resume: str | None = None, p
 
 def _train_locked(cfg: LMRunConfig, run_dir: Path, resume: str | None, progress: bool) -> dict:
     t0 = time.time()
-    resume_dir = ckpt.resolve_resume(run_dir, resume)
+    resume_dir = _pick_checkpoint(run_dir, resume)
     if resume_dir is not None:
         run_folder.check_resume_config(resume_dir, cfg.model_dump(mode="json"))
     save_config(cfg, run_dir / "config.yaml")
     ckpt.prune_checkpoints(run_dir, None)  # stale .tmp-* staging folders of a killed run
+    if not progress:  # no dataset map/filter bars either
+        datasets.disable_progress_bars()
     obj_cls = OBJECTIVES.get(cfg.objective.name)
     objective = obj_cls(cfg.objective_params())
     torch.manual_seed(cfg.seed)

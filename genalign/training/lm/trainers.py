@@ -65,6 +65,15 @@ def _mean(x: torch.Tensor) -> float:
     return x.float().mean().item() if x.numel() else 0.0
 
 
+def _fsync(folder: Path) -> None:
+    for path in [*sorted(folder.rglob("*"), reverse=True), folder]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 class _Forward(TokenForward):
     """The trainer's lazy per-batch forward passes, handed to ``objective.lm_loss``."""
 
@@ -236,11 +245,9 @@ class PreferenceTrainer(DPOTrainer):
             return
         src = Path(self.args.output_dir) / f"checkpoint-{step}"
         (src / "config.yaml").write_text(self.config_yaml)
-        for f in src.iterdir():  # fsync files, then the marker, then rename: a kill never leaves a marked half-copy
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
+        _fsync(src)  # files, then the marker, then rename: a kill or power cut never leaves a marked half-copy
         (src / ckpt.MARKER).write_text("ok\n")
+        _fsync(src)
         final = Path(self.run_dir) / "checkpoints" / ckpt.checkpoint_name(step)
         if final.exists():
             shutil.rmtree(final)
