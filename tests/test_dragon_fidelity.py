@@ -170,3 +170,20 @@ def test_dragon_logs_beta_in_both_conventions(tmp_path):
     line = next(m for m in h.lines if "reduction over D=" in m)
     assert f"beta=1000 with mean reduction over D={d}" in line and f"beta={1000 / d:g} with sum" in line
     assert math.isclose(1000 / d, 3.90625)
+
+
+def test_dragon_without_terms_uses_the_run_composite_as_one_instance_reward(tmp_path):
+    from genalign.config import load_config
+    from genalign.training.trainer import train
+
+    cfg = load_config(None, ["pipeline.model=tiny:sd", "validation.samples_per_prompt=1",
+                             "validation.num_inference_steps=2", "validation.max_prompts=2", "train.batch_size=2",
+                             "export.enabled=false", "objective.name=dragon",
+                             "data.source={kind: prompts, prompts: 'digits:train'}",
+                             "objective.prompts_per_round=3", "objective.clips_per_prompt=2",
+                             "objective.num_inference_steps=2", "objective.win_rate_samples_per_prompt=1",
+                             "train.steps=1"])
+    om = train(cfg, tmp_path / "run", progress=False)["objective_metrics"]
+    assert om["loss"] == "dpo" and set(om["win_rate"]) == {"composite"}  # auto: an instance reward -> paired DPO
+    t = om["terms"]["composite"]
+    assert t["kind"] == "instance" and t["n"] == 2 and t["ci_low"] <= t["win_rate"] <= t["ci_high"]
