@@ -36,6 +36,7 @@ from pydantic import Field
 from genalign.data.conditions import ConditionData, conditions_for_prompts, load_condition_rows
 from genalign.objectives.base import LossOutput, Objective, ObjectiveParams, StepResult
 from genalign.pipelines.base import repeat_cond
+from genalign.pipelines.controlnet import ControlNetAdapter
 from genalign.registry import objectives as OBJECTIVES
 from genalign.rewards.condition import (
     TASKS,
@@ -321,7 +322,7 @@ class _ControlNetObjective(Objective):
 
     def __init__(self, config, model):
         super().__init__(config, model)
-        if not hasattr(model, "controlnet"):
+        if not isinstance(model, ControlNetAdapter):
             raise ValueError(f"objective {type(self).__name__}: needs `pipeline.name: controlnet` (got adapter "
                              f"{type(model).__name__})")
         model.set_controlnet(config.init_controlnet)

@@ -41,6 +41,7 @@ from genalign.pipelines.rollout import ddim_random_eta_step
 from genalign.pipelines.schedule import alpha_bar_at, x0_and_epsilon, x0_from_epsilon
 from genalign.pipelines.sd import SDAdapter
 from genalign.pipelines.sdxl import SDXLAdapter
+from genalign.registry import objectives as OBJECTIVES
 from genalign.registry import pipelines as PIPELINES
 
 logger = logging.getLogger(__name__)
@@ -410,10 +411,8 @@ class FewStepMixin:
                  f"image = pipe(prompt, num_inference_steps={K}, guidance_scale=0.0, eta={eta}).images[0]", "```", "",
                  f"Timesteps {few_step_timesteps(K, t0)} (vanilla `DDIMScheduler`, trailing spacing over the first "
                  f"{t0 + 1} training steps, final ᾱ = 1); details in `{FEW_STEP_FILE}`.", ""]
-        try:
-            from genalign.registry import objectives
-
-            prov = getattr(objectives.get(cfg.objective.name), "provenance", {})
+        try:  # the objective class's tags, looked up generically by name (no method is named here)
+            prov = getattr(OBJECTIVES.get(cfg.objective.name), "provenance", {})
         except KeyError:
             prov = {}
         if prov:
