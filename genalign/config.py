@@ -9,13 +9,15 @@ values raise :class:`ConfigError` with a single line naming the file, the key an
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError,
                       model_validator)
+
+from genalign.overrides import OverrideError, override_source
+from genalign.overrides import apply_overrides as _apply_overrides
 
 
 # Which ``data.source.kind`` values feed each objective ``data_kind`` (objectives may set ``data_sources``).
@@ -367,39 +369,9 @@ def _error_key(err: ValidationError, prefix: str = "") -> str:
     return ".".join(([prefix] if prefix else []) + loc)
 
 
-def _override_source(key: str, source: str, overrides: list[str] | None) -> str:
-    """``--set ITEM`` when the failing ``key`` (or a section above / a key below it) was overridden on the command
-    line, else the config file's name. The last matching override wins, as it is the one applied."""
-    for item in reversed(overrides or []):
-        k = item.partition("=")[0].strip()
-        if key == k or key.startswith(k + ".") or k.startswith(key + "."):
-            return f"--set {item}"
-    return source
-
-
 def _source_of(err: ValidationError, source: str, overrides: list[str] | None, prefix: str = "") -> str:
     """Name ``--set`` as the source when the failing key was overridden on the command line."""
-    return _override_source(_error_key(err, prefix), source, overrides)
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """``"train.steps=50"`` → (["train", "steps"], 50); the value is parsed as YAML (numbers, bools, lists).
-    ``"rewards.0.weight=2"`` addresses element 0 of the ``rewards`` list.
-
-    Raises:
-        ConfigError: no ``=`` in ``item``, an empty key part, or a value that is not valid YAML (``--set ...``).
-    """
-    if "=" not in item:
-        raise ConfigError(f"--set {item}: expected key.sub=value")
-    key, _, value = item.partition("=")
-    path = key.strip().split(".")
-    if not all(p.strip() for p in path):
-        raise ConfigError(f"--set {item}: empty part in the key {key.strip()!r} (expected key.sub=value)")
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--set {item}: the value is not valid YAML: {str(err).splitlines()[0]}") from None
-    return [p.strip() for p in path], parsed
+    return override_source(_error_key(err, prefix), source, overrides)
 
 
 def _schema_default(path: list[str]) -> Any:
@@ -410,60 +382,20 @@ def _schema_default(path: list[str]) -> Any:
             node = node[int(p)] if isinstance(node, list) else node[p]
     except (ValidationError, KeyError, IndexError, ValueError, TypeError):
         return None
-    return copy.deepcopy(node)
-
-
-def _is_index(part: str) -> bool:
-    return part.lstrip("-").isdigit()
+    return node
 
 
 def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
-    """Return a copy of ``raw`` with ``--set`` overrides applied (creating intermediate sections).
-
-    A numeric key part indexes a list (``rewards.0.weight=2``, ``pipeline.lora.target_modules.-1=to_k``); a list
-    the YAML leaves out starts from its default (the quickstart's ``rewards``).
+    """A copy of ``raw`` with ``--set`` overrides applied (:func:`genalign.overrides.apply_overrides`; a list the
+    YAML leaves out, e.g. ``rewards``, starts from the schema's default).
 
     Raises:
-        ConfigError: ``--set ITEM: ...`` for a malformed item, an index beyond the list, or a key below a value
-            that is neither a section nor a list.
+        ConfigError: a malformed item or an index out of range (one line starting with ``--set ITEM:``).
     """
-    raw = copy.deepcopy(raw)
-    for item in overrides or []:
-        path, value = parse_override(item)
-        node: Any = raw
-        for depth, p in enumerate(path):
-            last = depth == len(path) - 1
-            here = ".".join(path[:depth + 1])
-            if isinstance(node, list):
-                if not _is_index(p):
-                    raise ConfigError(f"--set {item}: {'.'.join(path[:depth]) or '(root)'} is a list; address an "
-                                      f"element by its index, e.g. {'.'.join(path[:depth] + ['0'] + path[depth:])}")
-                i = int(p)
-                if not -len(node) <= i < len(node):
-                    raise ConfigError(f"--set {item}: {'.'.join(path[:depth])} has {len(node)} element(s); "
-                                      f"index {i} is out of range")
-                if last:
-                    node[i] = value
-                else:
-                    if not isinstance(node[i], (dict, list)):
-                        raise ConfigError(f"--set {item}: {here} is the value {node[i]!r}, not a section")
-                    node = node[i]
-                continue
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {item}: {'.'.join(path[:depth])} is the value {node!r}, not a section")
-            if last:
-                node[p] = value
-                break
-            if p not in node or node[p] is None:
-                # a section or list the YAML leaves out: start from its default so an index has something to address
-                default = _schema_default(path[:depth + 1])
-                node[p] = default if isinstance(default, list) else {}
-            elif not isinstance(node[p], (dict, list)):
-                if _is_index(path[depth + 1]):
-                    raise ConfigError(f"--set {item}: {here} is the value {node[p]!r}, not a list")
-                node[p] = {}  # e.g. a string shorthand replaced by a section: pydantic names what is wrong
-            node = node[p]
-    return raw
+    try:
+        return _apply_overrides(raw, overrides, _schema_default)
+    except OverrideError as err:
+        raise ConfigError(str(err)) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
@@ -507,12 +439,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         obj_cls = objectives.get(cfg.objective.name)
     except KeyError as err:
-        where = _override_source("objective.name", source, overrides)
+        where = override_source("objective.name", source, overrides)
         raise ConfigError(f"{where}: objective.name: {cfg.objective.name!r}: {err.args[0]}") from None
     family = getattr(obj_cls, "family", "diffusion")
 
     def at(key: str) -> str:  # the file, or the --set item that set the key
-        return _override_source(key, source, overrides)
+        return override_source(key, source, overrides)
 
     if isinstance(cfg, LMRunConfig) and family != "lm":
         raise ConfigError(f"{at('objective.name')}: objective.name: {cfg.objective.name!r}: a diffusion objective; "
@@ -547,7 +479,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg.objective = ObjectiveConfig(name=cfg.objective.name, **params.model_dump())
     for i, item in enumerate(cfg.rewards):
         if item.name not in rewards:
-            raise ConfigError(f"{_override_source(f'rewards.{i}.name', source, overrides)}: rewards.{i}.name: "
+            raise ConfigError(f"{override_source(f'rewards.{i}.name', source, overrides)}: rewards.{i}.name: "
                               f"{item.name!r}: unknown reward; known: {', '.join(rewards.names())}")
     return cfg
 

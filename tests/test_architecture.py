@@ -2,10 +2,10 @@
 
 Layers, lowest first; a module may import its own layer and the layers below, never a layer above:
 
-    0  errors, registry, config          infrastructure
+    0  errors, registry, config, overrides   infrastructure
     1  pipelines, rewards                 adapters over models; reward models (they never import each other)
     2  data                               datasets, preference pairs, on-policy buffers
-    3  evaluation, export                 validation, scoring, win rates, the report; export folders
+    3  evaluation, export, model_card     validation, scoring, win rates, the report; export folders, model card
     4  objectives                         one file per method
     5  training                           the Accelerate loop, the TRL trainers
     6  plan, api, cli, genalign           the public API and the command line
@@ -23,8 +23,9 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "genalign"
-LAYERS = {"errors": 0, "registry": 0, "config": 0, "pipelines": 1, "rewards": 1, "data": 2, "evaluation": 3,
-          "export": 3, "objectives": 4, "training": 5, "plan": 6, "api": 6, "cli": 6, "__init__": 6, "__main__": 6}
+LAYERS = {"errors": 0, "registry": 0, "config": 0, "overrides": 0, "pipelines": 1, "rewards": 1, "data": 2,
+          "evaluation": 3, "export": 3, "model_card": 3, "objectives": 4, "training": 5, "plan": 6, "api": 6, "cli": 6,
+          "__init__": 6, "__main__": 6}
 LEAF_SOURCES = {"genalign.data.digits", "genalign.data.music"}
 MAX_LINES = 500
 
