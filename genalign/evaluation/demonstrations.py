@@ -21,7 +21,7 @@ from typing import Callable, Tuple, Union
 
 import torch
 
-from genalign.rewards.terms import leave_one_out_contributions
+from genalign.rewards.terms import combined_values, leave_one_out_contributions
 
 __all__ = [
     "PairedDemonstrations",
@@ -30,6 +30,7 @@ __all__ = [
     "greedy_pairwise_split",
     "leave_one_out_contributions",
     "build_unpaired_leave_one_out",
+    "split_round",
 ]
 
 
@@ -182,3 +183,43 @@ def build_unpaired_leave_one_out(
     """
     c = leave_one_out_contributions(items, set_reward_fn)
     return build_unpaired_threshold(c, threshold), c
+
+
+def split_round(terms: list, latents: torch.Tensor, prompts: list[str], evals: list[dict], num_prompts: int, k: int,
+                paired: bool, set_pair_builder: str = "greedy", tie_tol: float = 0.0,
+                unpaired_threshold: Union[str, float] = "median") -> dict:
+    """D+/D− of one DRAGON round from its P·K generations (flat index p·K + j) and the terms' evaluations.
+
+    Args:
+        terms: reward terms (``kind``, ``set_fn``, ``per_item``, ``weight``, ``normalize``;
+            :mod:`genalign.rewards.terms`). latents: ``(P·K, ...)`` generation latents; prompts: P·K prompts.
+        evals: each term's evaluation of the generations (``RewardTerm.evaluate``).
+        num_prompts, k: P and K.
+        paired: Diffusion-DPO demonstrations (chosen, rejected); else Diffusion-KTO labels.
+        set_pair_builder: paired with a single set term: "greedy" (:func:`greedy_pairwise_split`, K = 2) or
+            "best_worst" on leave-one-out credit. tie_tol: :func:`build_paired_best_worst`.
+        unpaired_threshold: :func:`build_unpaired_threshold` on the combined per-item values.
+
+    Returns:
+        paired: ``{"paired": True, "latents_w", "latents_l", "prompts", "n", "dropped"}``; unpaired:
+        ``{"paired": False, "latents", "labels" (float 0/1), "prompts", "n", "dropped": 0}``.
+
+    Raises:
+        ValueError: the greedy set-pair builder with K ≠ 2.
+    """
+    if not paired:
+        labels = build_unpaired_threshold(combined_values(terms, evals), unpaired_threshold)
+        return {"paired": False, "latents": latents, "labels": labels.float(), "prompts": list(prompts),
+                "n": int(latents.shape[0]), "dropped": 0}
+    if len(terms) == 1 and terms[0].kind == "set" and set_pair_builder == "greedy":
+        if k != 2:
+            raise ValueError("set_pair_builder=greedy needs clips_per_prompt = 2")
+        items = evals[0]["items"].reshape(num_prompts, 2, *evals[0]["items"].shape[1:])
+        a_pos, _ = greedy_pairwise_split(items[:, 0], items[:, 1], terms[0].set_fn)
+        pidx = torch.arange(num_prompts)
+        ch, rj, dropped = pidx * 2 + torch.where(a_pos, 0, 1), pidx * 2 + torch.where(a_pos, 1, 0), 0
+    else:
+        demo = build_paired_best_worst(combined_values(terms, evals).view(num_prompts, k), tie_tol)
+        ch, rj, dropped = demo.chosen_index, demo.rejected_index, demo.num_dropped
+    return {"paired": True, "latents_w": latents[ch], "latents_l": latents[rj],
+            "prompts": [prompts[i] for i in ch.tolist()], "n": int(len(ch)), "dropped": int(dropped)}

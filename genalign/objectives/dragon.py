@@ -33,9 +33,7 @@ from pydantic import Field
 from genalign.config import RewardItem
 from genalign.data.exemplars import load_exemplars
 from genalign.data.prompts import load_prompts
-from genalign.evaluation.demonstrations import (
-    build_paired_best_worst, build_unpaired_threshold, greedy_pairwise_split,
-)
+from genalign.evaluation.demonstrations import split_round
 from genalign.evaluation.winrate import term_win_rates
 from genalign.objectives.base import LossOutput, Objective, ObjectiveParams, StepResult, TrainContext
 from genalign.objectives.rounds import RoundClock, fingerprint, load_or_build_round, optimizer_steps_per_pass
@@ -43,7 +41,7 @@ from genalign.pipelines.base import cond_to, index_cond
 from genalign.pipelines.denoising import convert_beta, paired_denoising_losses, shared_noise_losses
 from genalign.pipelines.sampling import encode_prompts, sample_latents
 from genalign.registry import objectives as _OBJECTIVES
-from genalign.rewards.terms import CompositeTerm, RewardTerm, combined_values, evaluate_terms
+from genalign.rewards.terms import CompositeTerm, RewardTerm, evaluate_terms
 
 __all__ = ["diffusion_kto_loss", "dragon_dpo_loss", "DragonRewardTerm", "DragonData", "DRAGON"]
 
@@ -365,33 +363,11 @@ class DRAGON(Objective):
 
     def build_demonstrations(self, latents: torch.Tensor, prompts: list[str], evals: list[dict[str, Any]],
                              num_prompts: int, k: int) -> dict[str, Any]:
-        """D+/D− from one round's generations (flat index p·K + j), as configured.
-
-        Returns:
-            paired: ``{"paired": True, "latents_w", "latents_l", "prompts", "n", "dropped"}``; unpaired:
-            ``{"paired": False, "latents", "labels" (float 0/1), "prompts", "n", "dropped": 0}``.
-
-        Raises:
-            ValueError: the greedy set-pair builder with ``clips_per_prompt`` ≠ 2.
-        """
+        """D+/D− from one round's generations as configured (:func:`~genalign.evaluation.demonstrations.split_round`)."""
         c = self.config
-        if self.loss_kind == "kto":
-            labels = build_unpaired_threshold(combined_values(self.terms, evals), c.unpaired_threshold)
-            return {"paired": False, "latents": latents, "labels": labels.float(), "prompts": list(prompts),
-                    "n": int(latents.shape[0]), "dropped": 0}
-        single_set = len(self.terms) == 1 and self.terms[0].kind == "set"
-        if single_set and c.set_pair_builder == "greedy":
-            if k != 2:
-                raise ValueError("set_pair_builder=greedy needs clips_per_prompt = 2")
-            items = evals[0]["items"].reshape(num_prompts, 2, *evals[0]["items"].shape[1:])
-            a_pos, _ = greedy_pairwise_split(items[:, 0], items[:, 1], self.terms[0].set_fn)
-            pidx = torch.arange(num_prompts)
-            ch, rj, dropped = pidx * 2 + torch.where(a_pos, 0, 1), pidx * 2 + torch.where(a_pos, 1, 0), 0
-        else:
-            demo = build_paired_best_worst(combined_values(self.terms, evals).view(num_prompts, k), c.tie_tol)
-            ch, rj, dropped = demo.chosen_index, demo.rejected_index, demo.num_dropped
-        return {"paired": True, "latents_w": latents[ch], "latents_l": latents[rj],
-                "prompts": [prompts[i] for i in ch.tolist()], "n": int(len(ch)), "dropped": int(dropped)}
+        return split_round(self.terms, latents, prompts, evals, num_prompts, k, paired=self.loss_kind == "dpo",
+                           set_pair_builder=c.set_pair_builder, tie_tol=c.tie_tol,
+                           unpaired_threshold=c.unpaired_threshold)
 
     @torch.no_grad()
     def generate_round(self, r: int) -> dict[str, Any]:
