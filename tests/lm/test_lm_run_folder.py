@@ -148,3 +148,12 @@ def test_a_truncated_latest_checkpoint_is_named_and_the_previous_one_used(tmp_pa
     summary = genalign.train(cfg, run, resume="latest", progress=False)
     assert summary["resumed_from"].endswith("step_000002") and summary["steps"] == 4
     assert "step_000004 is corrupt" in capsys.readouterr().out
+
+
+def test_non_finite_lm_training_is_a_one_line_failure_and_exports_nothing(tmp_path, capsys):
+    run = tmp_path / "run"
+    sets = SMALL + ["train.steps=2", "train.learning_rate=.inf"]
+    assert main(["train", TREG, "-o", str(run), "--quiet", *[x for s in sets for x in ("--set", s)]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "NaN/inf" in err[0] and "learning_rate inf" in err[0]
+    assert not (run / "export").exists() and not (run / "summary.json").exists()

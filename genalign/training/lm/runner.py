@@ -33,6 +33,7 @@ from genalign.training.lm.report import write_lm_report
 from genalign.training.lm.model import build_bundle, peft_and_reference
 from genalign.training.lm.synthetic import make_arithmetic_preference_rows
 from genalign.training.lm.trainers import PreferenceTrainer
+from genalign.training.trainer import NonFiniteLossError
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +168,7 @@ def train_lm(cfg: LMRunConfig, run_dir: str | Path, resume: str | None = None, p
 
     Raises:
         ConfigError: unreadable data file, unknown ``train.trl`` key. ModelUnavailableError: model not obtainable.
+        NonFiniteLossError: non-finite trained weights or final loss (nothing exported).
         FileNotFoundError: an explicit ``resume`` path that is not a complete checkpoint.
         RunFolderError: a non-empty folder without ``resume`` / ``overwrite``, a folder another run holds, or a
             resume whose config changes the run (:mod:`genalign.training.run_folder`, as for diffusion runs).
@@ -242,8 +244,12 @@ def _train_locked(cfg: LMRunConfig, run_dir: Path, resume: str | None, progress:
     }
     if eval_ds is not None:
         summary["eval"] = trainer.evaluate()
-    if not math.isfinite(summary["last_loss"]):
-        raise FloatingPointError(f"{run_dir}: the last logged loss is {summary['last_loss']}; nothing exported")
+    bad = [n for n, p in trainer.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if bad or not math.isfinite(summary["last_loss"]):
+        what = f"trained tensor {bad[0]} holds NaN/inf" if bad else f"the last logged loss is {summary['last_loss']}"
+        raise NonFiniteLossError(f"{run_dir}: {what} after step {summary['steps']} (learning_rate "
+                                 f"{cfg.train.learning_rate}, max_grad_norm {cfg.train.max_grad_norm}); nothing "
+                                 "exported, no summary written")
     summary["seconds"] = time.time() - t0
     if cfg.export.enabled:
         export_lm(trainer.model, proc, run_dir / "export", cfg, summary, merge_lora=cfg.export.merge_lora)
