@@ -19,7 +19,7 @@ import yaml
 from genalign.config import LMRunConfig, RunConfig
 from genalign.config import load_config as _load_config
 
-__all__ = ["load_config", "train", "export", "generate", "score", "report"]
+__all__ = ["load_config", "train", "export", "generate", "score", "score_run", "score_conditions", "report"]
 
 QUICKSTART = Path(__file__).resolve().parent / "assets" / "quickstart.yaml"
 
@@ -153,14 +153,46 @@ def score(samples, rewards: list, batch_size: int = 8, device: str | None = None
 
     Returns:
         ``{"per_sample": [...], "stats": {reward: {n, mean, std, min, max}}, "set": [...], "skipped": int,
-        "modality": str}``.
+        "modality": str, "folder": str}``.
     """
     from genalign.evaluation.scoring import score_samples
 
     specs = [{"name": r} if isinstance(r, str) else r for r in rewards]
-    return score_samples(str(samples), specs, batch_size=batch_size, device=device, prompts=prompts,
-                         modality=modality, progress=progress)
+    res = score_samples(str(samples), specs, batch_size=batch_size, device=device, prompts=prompts,
+                        modality=modality, progress=progress)
+    res.setdefault("folder", str(samples))
+    return res
 
+
+def score_run(run_dir, rewards: list | None = None, which: str = "trained", batch_size: int = 8,
+              device: str | None = None, progress: bool = True) -> dict[str, dict]:
+    """Score a run's held-out samples (generated once into ``RUN_DIR/samples/``, then reused) with ``rewards``
+    (default: the run config's rewards).
+
+    Args:
+        which: ``trained`` (the export), ``base`` or ``both``.
+
+    Returns:
+        ``{"trained" | "base": result}`` with results as :func:`score` returns them.
+    """
+    from genalign.evaluation.samples import run_samples
+
+    specs = [{"name": r} if isinstance(r, str) else r for r in rewards or []]
+    if not specs:
+        specs = [it.model_dump() for it in load_config(Path(run_dir) / "config.yaml").rewards]
+    out = {}
+    for label in (["base", "trained"] if which == "both" else [which]):
+        folder = run_samples(run_dir, label, device=device, progress=progress)
+        out[label] = score(folder, specs, batch_size=batch_size, device=device, modality="auto", progress=progress)
+    return out
+
+
+def score_conditions(folder, reward: str, metric: str | None = None, device: str | None = None) -> dict:
+    """Controllability of a ControlNet's samples on a condition dataset (see
+    :func:`genalign.evaluation.condition.score_condition_dataset`): ``{"metric", "value", "n", ...}``."""
+    from genalign.evaluation.condition import score_condition_dataset
+
+    return score_condition_dataset(folder, reward, metric, device=device)
 
 def report(run_dir, out=None, samples: bool = True, device: str | None = None) -> Path:
     """Write a run's self-contained HTML report (default ``RUN_DIR/report.html``): diffusion runs with before/after

@@ -194,46 +194,36 @@ def _cmd_score(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from genalign.config import ConfigError
     from genalign import api
-    from genalign.evaluation.samples import run_samples
+    from genalign.config import ConfigError
     from genalign.evaluation.scoring import write_scores
 
     names = [n.strip() for r in (args.reward or []) for n in r.split(",") if n.strip()]
     if args.conditions:  # controllability of a ControlNet's samples (Ctrl-U / ControlNet++ evaluation)
-        from genalign.evaluation.condition import score_condition_dataset
-
         if len(names) != 1:
             raise ConfigError("--conditions needs exactly one --reward (a condition reward)")
-        res = score_condition_dataset(args.conditions, names[0], args.metric, device=args.device)
+        res = api.score_conditions(args.conditions, names[0], args.metric, device=args.device)
         print(f"{res['metric']}: {res['value']:.4f} over {res['n']} images ({names[0]})")
         if args.out:
             Path(args.out).write_text(json.dumps(res, indent=2, default=str))
         return 0
     if args.samples and (args.images or args.audio or args.run):
         raise ConfigError("give the samples either positionally or with --images/--audio/--run, not both")
-    specs: list = [{"name": n} for n in names]
-    folders: list[tuple[str, str]] = []
     modality = "audio" if args.audio else "image" if (args.images or args.samples) else "auto"
     if args.run:
-        if not specs:
-            from genalign.config import load_config
-
-            specs = [it.model_dump() for it in load_config(Path(args.run) / "config.yaml").rewards]
-        for which in (["base", "trained"] if args.which == "both" else [args.which]):
-            folders.append((which, str(run_samples(args.run, which, device=args.device, progress=not args.quiet))))
+        results = api.score_run(args.run, names, args.which, batch_size=args.batch_size, device=args.device,
+                                progress=not args.quiet)
     elif args.images or args.audio or args.samples:
-        folders.append(("samples", args.images or args.audio or args.samples))
+        if not names:
+            raise ConfigError("give at least one --reward NAME (see `genalign list rewards`)")
+        results = {"samples": api.score(args.images or args.audio or args.samples, names, batch_size=args.batch_size,
+                                        device=args.device, prompts=args.prompts, modality=modality,
+                                        progress=not args.quiet)}
     else:
         raise ConfigError("nothing to score: give --images DIR, --audio DIR or --run RUN_DIR")
-    if not specs:
-        raise ConfigError("give at least one --reward NAME (see `genalign list rewards`)")
     console = Console()
-    results = {}
-    for label, folder in folders:
-        results[label] = res = api.score(folder, specs, batch_size=args.batch_size, device=args.device,
-                                         prompts=args.prompts, modality=modality, progress=not args.quiet)
-        table = Table(title=f"{folder}: {len(res['per_sample'])} {res['modality']} sample(s)"
+    for res in results.values():
+        table = Table(title=f"{res['folder']}: {len(res['per_sample'])} {res['modality']} sample(s)"
                             + (f", {res['skipped']} unreadable skipped" if res["skipped"] else ""))
         for col in ("reward", "n", "mean", "std", "min", "max"):
             table.add_column(col, justify="left" if col == "reward" else "right")
