@@ -198,6 +198,9 @@ class ExportConfig(Strict):
     enabled: bool = True
     merge_lora: bool = True
     report: bool = Field(True, description="write RUN_DIR/report.html (before/after grids, reward curves)")
+    push_to_hub: bool = Field(False, description="upload the export to the Hugging Face Hub (hub_model_id)")
+    hub_model_id: str | None = Field(None, pattern=r"^[\w.-]+/[\w.-]+$", description="owner/name of the hub repo")
+    hub_private: bool = Field(False, description="create the hub repo private")
 
 
 class ObjectiveConfig(BaseModel):

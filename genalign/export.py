@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from genalign.model_card import model_card, push_to_hub  # noqa: F401  (README.md; push_to_hub re-exported)
+
 EXPORT_MARKER = "genalign_export.json"  # marks a folder genalign wrote, so only such a folder is ever replaced
 
 
@@ -112,40 +114,3 @@ def export_pipeline(model, cfg, out_dir: str | Path, summary: dict | None = None
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def _base_lora_line(model: str) -> str:
-    """The model card's "LoRA alone on the base" line, naming the base the way a vanilla-Diffusers user can load it."""
-    if model.startswith("tiny:"):
-        return f"# ({model} is built in memory by genalign.pipelines.tiny: load the merged folder above)"
-    # builtin:digits is a plain Diffusers folder shipped inside the package.
-    ref = "genalign.pipelines.digits.digits_base_path()" if model == "builtin:digits" else repr(model)
-    return f"# base = DiffusionPipeline.from_pretrained({ref}); base.load_lora_weights('<this folder>')"
-
-
-def model_card(cfg, summary: dict | None = None) -> str:
-    """A Markdown model card: base model, objective and hyperparameters, data, rewards before/after."""
-    obj = cfg.objective.model_dump()
-    lines = [
-        "---", "library_name: diffusers", "tags: [genalign, " + cfg.objective.name + "]", "---", "",
-        f"# {cfg.objective.name} on {cfg.pipeline.model}", "",
-        f"Aligned with genalign, objective **{cfg.objective.name}**.", "",
-        "## Load", "", "```python", "from diffusers import DiffusionPipeline",
-        "pipe = DiffusionPipeline.from_pretrained('<this folder>')  # LoRA already merged",
-        "# or the LoRA alone on the base model:",
-        _base_lora_line(cfg.pipeline.model),
-        "```", "", "## Training", "",
-        f"- base model: `{cfg.pipeline.model}`" + (f" (VAE `{cfg.pipeline.vae}`)" if cfg.pipeline.vae else ""),
-        f"- objective: `{cfg.objective.name}` with " + ", ".join(f"{k}={v}" for k, v in obj.items() if k != "name"),
-        f"- LoRA: {cfg.pipeline.lora.model_dump() if cfg.pipeline.lora else 'none (full fine-tune)'}",
-        f"- data: {cfg.data.source.model_dump()}",
-        f"- steps {cfg.train.steps}, batch {cfg.train.batch_size} x accumulation {cfg.train.gradient_accumulation_steps}, "
-        f"lr {cfg.train.learning_rate} ({cfg.train.lr_scheduler}), seed {cfg.seed}",
-    ]
-    if summary and summary.get("reward_before"):
-        lines += ["", f"## Reward on held-out prompts ({summary.get('heldout_prompts')})", "",
-                  "| reward | base | aligned |", "|---|---|---|"]
-        for k, v in summary["reward_before"].items():
-            lines.append(f"| {k} | {v:.4f} | {summary['reward_after'].get(k, float('nan')):.4f} |")
-    lines += ["", "Full resolved config: `genalign_config.yaml`.", ""]
-    return "\n".join(lines)

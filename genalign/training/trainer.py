@@ -415,10 +415,11 @@ class DiffusionTrainer:
         """Export, ``summary.json`` (with ``phase_seconds``), the report and the console table (main process)."""
         acc, cfg = self.acc, self.cfg
         if acc.is_main_process and cfg.export.enabled:
-            from genalign.export import export_pipeline
+            from genalign.export import export_pipeline, push_to_hub
 
             with self.log.phase("export"):
                 export_pipeline(self.model, cfg, self.run_dir / "export", summary=summary)
+                push_to_hub(cfg, self.run_dir / "export")  # export.push_to_hub (no-op when off)
         if acc.is_main_process:
             summary["phase_seconds"] = dict(self.log.phase_seconds)
             _atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2))
