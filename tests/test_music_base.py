@@ -34,6 +34,13 @@ def test_architecture_saves_and_loads_in_vanilla_stable_audio_pipeline(pipe, tmp
     assert wav.shape == (1, 1, 16384) and wav.abs().max() <= 1
 
 
+def test_posterior_starts_quiet():
+    # the first build's VAE kept softplus(0) ≈ 0.69 posterior std: latents were mostly noise
+    vae = _fresh_vae()
+    mu, std = PM.encode_posterior(vae, 0.3 * torch.randn(3, 1, 2048))
+    assert std.max() < 0.01 and std.mean() < 0.05 * mu.std()
+
+
 def test_multi_resolution_stft_loss():
     x = torch.randn(2, 1, 4096)
     assert PM.multi_resolution_stft_loss(x, x).item() == 0.0

@@ -15,7 +15,9 @@ held-out caption template are never trained on). :func:`build_music_base` rebuil
 
 Training recipe (genalign's own):
 
-1. VAE: :func:`fit_audio_vae` on random 1.024 s crops, L1 + multi-resolution STFT loss + 1e-6 · KL. The STFT term
+1. VAE: :func:`quiet_posterior` initialisation (posterior std starts at ~0.0025, not 0.69: the first build without
+   it kept std/spread ≈ 0.71 after 150 steps, i.e. latents that were mostly noise), then :func:`fit_audio_vae` on
+   random 1.024 s crops, L1 + multi-resolution STFT loss + 1e-6 · KL. The STFT term
    (spectral convergence + log-magnitude L1 at n_fft 256/512/1024; Yamamoto et al. 2020, Parallel WaveGAN §2.3;
    also the Oobleck/Stable Audio autoencoder loss) makes the decoder match the spectrum rather than exact phase,
    which plain L1 on waveforms fits poorly. The tiny KL weight keeps the posterior std ≪ the latent spread (the
@@ -90,7 +92,7 @@ def music_stable_audio_pipeline(words: list[str], sample_rate: int = 4_000, late
     from diffusers.pipelines.stable_audio import StableAudioProjectionModel
     from transformers import T5Config, T5EncoderModel
 
-    from genalign.pipelines.audio import tiny_word_tokenizer
+    from genalign.pipelines.audio_base import tiny_word_tokenizer
 
     tok = tiny_word_tokenizer(tuple(words), model_max_length=24)
     torch.manual_seed(seed)
@@ -99,6 +101,7 @@ def music_stable_audio_pipeline(words: list[str], sample_rate: int = 4_000, late
     vae = AutoencoderOobleck(encoder_hidden_size=2 * LATENT_CHANNELS, downsampling_ratios=list(HOP),
                              channel_multiples=[1, 1, 2, 4], decoder_channels=16, decoder_input_channels=LATENT_CHANNELS,
                              audio_channels=1, sampling_rate=sample_rate)
+    quiet_posterior(vae)
     proj = StableAudioProjectionModel(text_encoder_dim=64, conditioning_dim=64, min_value=0, max_value=512)
     dit = StableAudioDiTModel(sample_size=latent_frames, in_channels=LATENT_CHANNELS, num_layers=4,
                               attention_head_dim=16, num_attention_heads=4, num_key_value_attention_heads=2,
@@ -107,6 +110,21 @@ def music_stable_audio_pipeline(words: list[str], sample_rate: int = 4_000, late
     sched = EDMDPMSolverMultistepScheduler(sigma_min=0.3, sigma_max=500, sigma_data=1.0, prediction_type="v_prediction")
     return StableAudioPipeline(vae=vae, text_encoder=te, projection_model=proj, tokenizer=tok, transformer=dit,
                                scheduler=sched)
+
+
+@torch.no_grad()
+def quiet_posterior(vae, scale_bias: float = -6.0, gain: float = 0.1) -> None:
+    """Initialise the Oobleck encoder so its posterior std starts near ``softplus(scale_bias)`` (≈ 0.0025) instead
+    of ``softplus(0)`` ≈ 0.69: the bias of the output conv's scale half is set to ``scale_bias`` and its weight-norm
+    gain multiplied by ``gain``. Why: with the small KL weight nothing pulls the std down during a short CPU
+    pretraining, and a std of 0.69 against a latent spread of ~1 made the first build's latents mostly noise (the
+    digits base's first VAE had the same defect).
+    """
+    conv = vae.encoder.conv2
+    c = conv.bias.shape[0] // 2
+    g = conv.parametrizations.weight.original0 if hasattr(conv, "parametrizations") else conv.weight_g
+    conv.bias[c:] = scale_bias
+    g[c:] *= gain
 
 
 def multi_resolution_stft_loss(pred: torch.Tensor, target: torch.Tensor,
@@ -277,5 +295,5 @@ def build_music_base(waveforms: torch.Tensor, captions: list[str], words: list[s
 __all__ = [
     "DEFAULT_GUIDANCE", "DEFAULT_STEPS", "HELDOUT_PROMPTS", "HELDOUT_STATS", "MUSIC_DIR", "build_music_base",
     "encode_posterior", "fit_audio_vae", "multi_resolution_stft_loss", "music_asset", "music_base_path",
-    "music_stable_audio_pipeline", "normalize_vae_latents",
+    "music_stable_audio_pipeline", "normalize_vae_latents", "quiet_posterior",
 ]
