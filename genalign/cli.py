@@ -132,6 +132,8 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--gpu", default="A100", help="GPU for the step-time estimate (H100, A100, L40S, A10G, L4, RTX4090)")
     pl.add_argument("--parallelism", default="ddp", choices=["ddp", "zero2", "fsdp"])
     pl.add_argument("--online", action="store_true", help="read unshipped model configs from the hub")
+    pl.add_argument("--require-data", action="store_true", help="fail when a data file / folder does not exist yet")
+    pl.add_argument("--no-trace", action="store_true", help="skip the activation / FLOP trace (parameter items only)")
 
     ls = sub.add_parser("list", help="list registered objectives, rewards and pipelines")
     ls.add_argument("what", nargs="?", choices=["objectives", "rewards", "pipelines"], default=None)
@@ -264,7 +266,8 @@ def _cmd_report(args) -> int:
 def _cmd_plan(args) -> int:
     from genalign.plan import run_cli
 
-    return run_cli(args.config, args.overrides, args.gpus, args.gpu_memory, args.gpu, args.parallelism, args.online)
+    return run_cli(args.config, args.overrides, args.gpus, args.gpu_memory, args.gpu, args.parallelism, args.online,
+                   args.require_data, trace=not args.no_trace)
 
 
 def _cmd_list(args) -> int:

@@ -84,6 +84,7 @@ class Plan:
     sequence: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    trace: bool = True
 
     @property
     def peak(self) -> float:
@@ -154,6 +155,12 @@ def architecture(model: str, online: bool = False, lm_tiny: dict | None = None) 
         from genalign.pipelines.digits import DIGITS_DIR
 
         return _folder_spec(DIGITS_DIR)
+    if model == "builtin:music":
+        from genalign.pipelines.music import MUSIC_DIR
+
+        if (MUSIC_DIR / "model_index.json").exists():
+            return _folder_spec(MUSIC_DIR)
+        raise PlanError(f"pipeline.model: builtin:music: not built at {MUSIC_DIR}")
     if model.startswith("tiny:"):
         return _tiny_spec(model)
     if model == "tiny":
@@ -426,7 +433,7 @@ def _adafactor_state(module) -> int:
 # -- the plan ------------------------------------------------------------------------------------------------------
 def plan(config_path: str | None, overrides: list[str] | None = None, gpus: int = 1, gpu_memory: float = 80.0,
          gpu: str = "A100", parallelism: str = "ddp", online: bool = False, check_data: bool = True,
-         device: str = "cuda", spec: dict | None = None) -> Plan:
+         device: str = "cuda", spec: dict | None = None, require_data: bool = False, trace: bool = True) -> Plan:
     """Build the pre-flight :class:`Plan` of a run config (see module docstring).
 
     Args:
@@ -434,6 +441,8 @@ def plan(config_path: str | None, overrides: list[str] | None = None, gpus: int 
         online: read configs of unshipped hub models from the hub.
         device: "cuda" adds the CUDA context; "cpu" (the benchmark) leaves it out.
         spec: an architecture spec to use instead of resolving ``pipeline.model`` (benchmarks, tests).
+        require_data: a data file / folder that does not exist is a problem (default: a warning line).
+        trace: False skips the meta forward/backward (no activation or FLOP figures; parameter items only).
 
     Raises:
         genalign.config.ConfigError: an invalid config. PlanError: a model that cannot be resolved.
@@ -446,10 +455,11 @@ def plan(config_path: str | None, overrides: list[str] | None = None, gpus: int 
         raise PlanError(f"--gpu {gpu!r}: unknown; known: {', '.join(GPUS)}")
     p = Plan(config=str(config_path), model=cfg.pipeline.model, gpu=gpu, gpus=gpus, gpu_memory=gpu_memory,
              parallelism=parallelism)
+    p.trace = trace
     (_plan_lm if is_lm else _plan_diffusion)(cfg, p, online, device, spec)
     _shard(p, parallelism, gpus)
     if check_data:
-        (_check_lm_data if is_lm else _check_data)(cfg, p)
+        (_check_lm_data if is_lm else _check_data)(cfg, p, require=require_data)
     if p.peak > gpu_memory * GIB:
         p.problems.insert(0, f"estimated peak {p.peak / GIB:.1f} GiB per GPU > --gpu-memory {gpu_memory:g} GiB")
     return p
@@ -541,7 +551,9 @@ def _plan_diffusion(cfg, p: Plan, online: bool, device: str, spec: dict | None =
     sample = unet_cfg.get("sample_size", 64)
     res = pc.resolution or (sample[0] if isinstance(sample, (list, tuple)) else sample) * down
     p.rows_per_forward, p.shape = rows, f"{rows} rows × {res}×{res} px"
-    if main in ("unet", "controlnet") and comps.get("unet", {}).get("class") == "UNet2DConditionModel":
+    if not p.trace:
+        flops = 0.0
+    elif main in ("unet", "controlnet") and comps.get("unet", {}).get("class") == "UNet2DConditionModel":
         unet_for_inputs = trainable_mod if main == "unet" else p.components[0].module
 
         def make_inputs(r, side):
@@ -615,6 +627,8 @@ def _plan_lm(cfg, p: Plan, online: bool, device: str, spec: dict | None = None) 
         return out.logits.float().log_softmax(-1)[..., 0].sum()
 
     try:
+        if not p.trace:
+            raise NotImplementedError("trace=False")
         if hasattr(m, "language_model") or hasattr(getattr(m, "model", None), "language_model"):
             # Video-LMs: trace the language model on embeddings (the vision tower runs on frames, not traced).
             lm = m.model.language_model if hasattr(m.model, "language_model") else m.language_model
@@ -660,7 +674,13 @@ def _shard(p: Plan, parallelism: str, gpus: int) -> None:
 
 
 # -- data & sequences ------------------------------------------------------------------------------------------------
-def _check_data(cfg, p: Plan, rows: int = 16) -> None:
+def _missing(p: Plan, what: str, require: bool) -> None:
+    """A data file / folder that does not exist yet: a problem with ``require_data``, else a warning (recipes
+    point at data the user prepares; CI plans them before any data exists)."""
+    (p.problems if require else p.data).append(f"{what}: not found — prepare it before training")
+
+
+def _check_data(cfg, p: Plan, rows: int = 16, require: bool = False) -> None:
     src = cfg.data.source
     try:
         if src.kind == "preference":
@@ -686,8 +706,11 @@ def _check_data(cfg, p: Plan, rows: int = 16) -> None:
             else:
                 raise FileNotFoundError(f"data.source: {src.source!r} not found")
     except FileNotFoundError as err:
-        if _looks_like_hub_id(getattr(src, "source", "")) and not Path(src.source).exists():
-            p.data.append(f"{src.source}: hub dataset not reachable offline — not checked")
+        where = getattr(src, "source", None) or getattr(src, "prompts", "")
+        if _looks_like_hub_id(where) and not Path(where).exists():
+            p.data.append(f"{where}: hub dataset not reachable offline — not checked")
+        elif not Path(where).exists():
+            _missing(p, f"data.source {where}", require)
         else:
             p.problems.append(str(err))
     except (ValueError, OSError) as err:
@@ -698,7 +721,7 @@ def _looks_like_hub_id(s: str) -> bool:
     return s.count("/") == 1 and not s.startswith((".", "/")) and not Path(s).suffix
 
 
-def _check_lm_data(cfg, p: Plan) -> None:
+def _check_lm_data(cfg, p: Plan, require: bool = False) -> None:
     d = cfg.data
     if d.synthetic is not None:
         p.data.append(f"synthetic {d.synthetic.kind} pairs: {d.synthetic.n_train} train")
@@ -708,7 +731,7 @@ def _check_lm_data(cfg, p: Plan) -> None:
         if _looks_like_hub_id(d.train):
             p.data.append(f"{d.train}: not reachable offline — not checked")
         else:
-            p.problems.append(f"data.train: {d.train!r} not found")
+            _missing(p, f"data.train {d.train}", require)
         return
     missing, n = set(), 0
     with open(path) as f:
@@ -788,10 +811,11 @@ def print_plan(p: Plan, console=None) -> None:
 
 
 def run_cli(config: str, overrides: list[str] | None, gpus: int, gpu_memory: float, gpu: str, parallelism: str,
-            online: bool) -> int:
+            online: bool, require_data: bool = False, trace: bool = True) -> int:
     """``genalign plan``: print the plan; 0 when it fits and would start, 1 otherwise (reasons printed)."""
     try:
-        p = plan(config, overrides, gpus=gpus, gpu_memory=gpu_memory, gpu=gpu, parallelism=parallelism, online=online)
+        p = plan(config, overrides, gpus=gpus, gpu_memory=gpu_memory, gpu=gpu, parallelism=parallelism, online=online,
+                 require_data=require_data, trace=trace)
     except PlanError as err:
         print(f"genalign plan: would not start: {err}")
         return 1
