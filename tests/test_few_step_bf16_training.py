@@ -3,7 +3,9 @@
 
 from pathlib import Path
 
+import pytest
 import torch
+from accelerate.state import AcceleratorState, GradientState
 
 from genalign.config import LoraConfig, load_config
 from genalign.pipelines.controlnet import ControlNetAdapter
@@ -17,6 +19,17 @@ ROOT = Path(__file__).resolve().parent.parent
 BF16 = ["pipeline.model=tiny:sd", "train.mixed_precision=bf16", "train.steps=2", "train.batch_size=3",
         "validation.samples_per_prompt=1", "validation.max_prompts=2", "train.log_every=1"]
 PROMPTS = ["a handwritten digit 3", "the number 7, written by hand"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps one process-wide state: a bf16 run after an fp32 run in the same pytest process (and the
+    fp32 runs after these) need it reset (as accelerate's own tests do)."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
 
 
 def _last(run):
