@@ -134,12 +134,17 @@ def collect_samples(folder_or_jsonl: str | Path, prompts: str | Path | None = No
 
 
 def load_image(path: Path) -> torch.Tensor:
-    """Read an image as ``(3, H, W)`` float32 in [0, 1] (RGB). Raises ``OSError``/``ValueError`` if unreadable."""
-    import numpy as np
-    from PIL import Image
+    """Read an image as ``(3, H, W)`` float32 in [0, 1] (RGB), converted by bit depth and EXIF orientation
+    (:func:`genalign.data.preference.decode_image`: a 16-bit PNG is not read as white).
 
-    with Image.open(path) as im:
-        arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    Raises:
+        OSError / ValueError: unreadable file.
+    """
+    import numpy as np
+
+    from genalign.data.preference import decode_image
+
+    arr = np.asarray(decode_image(path), dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
 
 

@@ -70,3 +70,15 @@ def test_sidecar_txt_and_jsonl_input(tmp_path, tiny_pickscore):
                      for p in paths])
     torch.testing.assert_close(torch.tensor([r["pickscore-v1"] for r in res["per_sample"]]),
                                tiny_pickscore.score(x, ["a dog", "a dog"]), atol=1e-4, rtol=1e-5)
+
+
+def test_sixteen_bit_png_scores_by_bit_depth_not_as_white(tmp_path):
+    # Issue "Nothing lost" item 8: a 16-bit mid-grey PNG (32768) was read as pure white (ink 1.0) by genalign score.
+    import numpy as np
+    from PIL import Image
+
+    from genalign.evaluation.scoring import load_image
+
+    Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16)).save(tmp_path / "grey16.png")
+    x = load_image(tmp_path / "grey16.png")
+    assert x.shape == (3, 4, 4) and abs(float(x.mean()) - 0.5) < 0.01
