@@ -41,7 +41,7 @@ from genalign.pipelines.audio_base import (
     SYNTH_WORDS, AudioAdapterMixin, set_adapters_enabled, timestep_fraction, tiny_t5_encoder, tiny_word_tokenizer,
 )
 from genalign.pipelines.audioldm2 import AudioLDM2Adapter, audioldm_log_mel, tiny_audioldm2_pipeline
-from genalign.pipelines.base import load_diffusers_pipeline
+from genalign.pipelines.base import load_diffusers_pipeline, resolve_model_path
 from genalign.pipelines.schedule import bcast
 from genalign.registry import pipelines as PIPELINES
 
@@ -282,7 +282,7 @@ def audio_adapter_for(model: str, pipe=None, device="cpu"):
     if model.startswith("tiny:"):
         name = {"tiny:stable_audio": "stable_audio", "tiny:audioldm2": "audioldm2"}.get(model)
     else:
-        idx = Path(model) / "model_index.json"
+        idx = Path(resolve_model_path(model)) / "model_index.json"  # builtin:music → the shipped folder
         cls_name = json.loads(idx.read_text()).get("_class_name") if idx.exists() else type(pipe).__name__
         name = AUDIO_PIPELINE_CLASSES.get(cls_name)
     if name is None:
