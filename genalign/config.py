@@ -16,12 +16,23 @@ import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError,
                       model_validator)
 
-from genalign.overrides import OverrideError, override_source
+from genalign.overrides import OverrideError, override_source, safe_user_yaml
 from genalign.overrides import apply_overrides as _apply_overrides
 
 
 # Which ``data.source.kind`` values feed each objective ``data_kind`` (objectives may set ``data_sources``).
 DATA_SOURCES_BY_KIND = {"pairs": ("onpolicy", "preference"), "prompts": ("prompts",), "images": ("images",)}
+
+
+def _not_bool(v: Any) -> Any:
+    """YAML ``true`` is not a count: refuse booleans where an integer is expected (pydantic would read True as 1)."""
+    if isinstance(v, bool):
+        raise ValueError("expected an integer, got a boolean")
+    return v
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Seed = Annotated[int, BeforeValidator(_not_bool), Field(ge=0, lt=2**32, description="random seed in [0, 2**32)")]
 
 
 class ConfigError(ValueError):
@@ -37,7 +48,7 @@ class Strict(BaseModel):
 class LoraConfig(Strict):
     """LoRA through peft. Defaults follow the MaPO / diffusers DPO LoRA recipes (rank 8, alpha = rank)."""
 
-    rank: int = Field(8, ge=1, description="LoRA rank r")
+    rank: Int = Field(8, ge=1, description="LoRA rank r")
     alpha: float | None = Field(None, gt=0, description="lora_alpha; None = rank (scale 1)")
     target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     init: Literal["gaussian", "default"] = "gaussian"
@@ -51,7 +62,7 @@ class PipelineConfig(Strict):
     model: str = Field("builtin:digits", description="builtin:digits | tiny:sd | tiny:sdxl | local folder | hub id")
     revision: str | None = None
     vae: str | None = Field(None, description="replacement VAE folder / hub id, e.g. madebyollin/sdxl-vae-fp16-fix")
-    resolution: int | None = Field(None, ge=8, description="training resolution in pixels; None = the model's")
+    resolution: Int | None = Field(None, ge=8, description="training resolution in pixels; None = the model's")
     lora: LoraConfig | None = Field(default_factory=LoraConfig, description="null = full fine-tune")
     reference: Literal["adapter_off", "frozen_copy", "none"] = Field(
         "adapter_off", description="adapter_off (LoRA disabled) | frozen_copy | none (MaPO, SFT: no reference)")
@@ -65,11 +76,11 @@ class OnPolicyData(Strict):
 
     kind: Literal["onpolicy"] = "onpolicy"
     prompts: str = Field("digits:train", description="digits:train | parti | path to a .txt/.tsv/.jsonl prompt file")
-    samples_per_prompt: int = Field(4, ge=2)
-    rounds: int = Field(1, ge=1, description="how many times each prompt is drawn (fresh seeds each time)")
+    samples_per_prompt: Int = Field(4, ge=2)
+    rounds: Int = Field(1, ge=1, description="how many times each prompt is drawn (fresh seeds each time)")
     reward: str | None = Field(None, description="reward name used for ranking; None = first of `rewards`")
     min_reward_gap: float = Field(0.0, ge=0, description="drop pairs whose best-worst reward gap is smaller")
-    num_inference_steps: int = Field(25, ge=1)
+    num_inference_steps: Int = Field(25, ge=1)
     guidance_scale: float = Field(5.0, ge=0, description="CFG scale (1 = off); 5.0 = MaPO's validation value")
 
 
@@ -80,7 +91,7 @@ class PreferenceData(Strict):
     source: str = Field(..., description="folder (parquet/arrow/jsonl), a .jsonl file, or a `datasets` hub id")
     split: str = "train"
     ties: Literal["drop", "error"] = "drop"
-    max_pairs: int | None = Field(None, ge=1)
+    max_pairs: Int | None = Field(None, ge=1)
     pair_augment: Literal["joint", "independent"] = "joint"
     hflip: bool = True
     random_crop: bool = Field(False, description="MaPO --random_crop: uniform crop offset (else centre)")
@@ -105,7 +116,7 @@ class ImagesData(Strict):
     image_column: str = "image"
     caption_column: str = "prompt"
     condition_column: str | None = None
-    max_images: int | None = Field(None, ge=1)
+    max_images: Int | None = Field(None, ge=1)
     hflip: bool = False
 
 
@@ -123,8 +134,8 @@ class DataConfig(Strict):
                             Annotated[PromptsData, Tag("prompts")], Annotated[ImagesData, Tag("images")]],
                       Discriminator(_source_kind)] = Field(default_factory=OnPolicyData)
     cache_latents: bool = True
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes decoding streamed pairs")
-    prefetch: int = Field(2, ge=1, description="micro-batches each worker decodes ahead")
+    num_workers: Int = Field(0, ge=0, description="DataLoader worker processes decoding streamed pairs")
+    prefetch: Int = Field(2, ge=1, description="micro-batches each worker decodes ahead")
     proportion_empty_prompts: float = Field(0.0, ge=0, lt=1, description="caption dropout (SF-DPO 0.2, MaPO 0)")
     time_ids: Literal["per_sample", "fixed"] = Field(
         "per_sample", description="SDXL time_ids: per_sample (MaPO, diffusers) | fixed [res,res,0,0,res,res] (SF-DPO)")
@@ -149,14 +160,14 @@ def _yaml_no(v: Any) -> Any:
 class TrainConfig(Strict):
     """The Accelerate loop."""
 
-    steps: int = Field(100, ge=0, description="optimizer steps")
-    batch_size: int = Field(8, ge=1, description="pairs (or samples) per device per micro-step")
-    gradient_accumulation_steps: int = Field(1, ge=1)
+    steps: Int = Field(100, ge=0, description="optimizer steps")
+    batch_size: Int = Field(8, ge=1, description="pairs (or samples) per device per micro-step")
+    gradient_accumulation_steps: Int = Field(1, ge=1)
     learning_rate: float = Field(1e-4, gt=0)
     lr_scheduler: Literal["constant", "constant_with_warmup", "warmup", "linear", "cosine", "cosine_with_restarts",
                           "polynomial"] = Field(
         "constant", description="diffusers.optimization.get_scheduler name; 'warmup' = constant_with_warmup")
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: Int = Field(0, ge=0)
     optimizer: Literal["adamw", "adamw_8bit", "adafactor"] = Field(
         "adamw", description="adamw (torch) | adamw_8bit (bitsandbytes) | adafactor (transformers, Diffusion-DPO paper)")
     adam_beta1: float = Field(0.9, ge=0, lt=1)
@@ -167,29 +178,29 @@ class TrainConfig(Strict):
     max_grad_norm: float | None = Field(1.0, gt=0)
     mixed_precision: Annotated[Literal["auto", "no", "fp16", "bf16"], BeforeValidator(_yaml_no)] = "auto"
     ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of trainable weights; None = off")
-    checkpoint_every: int = Field(0, ge=0, description="save_state every N steps; 0 = only at the end")
-    checkpoints_total_limit: int | None = Field(2, ge=1)
-    log_every: int = Field(10, ge=1)
+    checkpoint_every: Int = Field(0, ge=0, description="save_state every N steps; 0 = only at the end")
+    checkpoints_total_limit: Int | None = Field(2, ge=1)
+    log_every: Int = Field(10, ge=1)
     on_nan: Literal["halt", "skip"] = "halt"
     trackers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
-    num_threads: int | None = Field(None, ge=1, description="torch CPU threads; None = OMP_NUM_THREADS if set, "
+    num_threads: Int | None = Field(None, ge=1, description="torch CPU threads; None = OMP_NUM_THREADS if set, "
                                     "else the cores in this process's affinity mask")
-    ddp_timeout_s: int = Field(1800, ge=1, description="process-group timeout: a stalled rank ends the run after it")
+    ddp_timeout_s: Int = Field(1800, ge=1, description="process-group timeout: a stalled rank ends the run after it")
 
 
 class ValidationConfig(Strict):
     """Sampling on held-out prompts with reward scoring (also gives summary.json's before/after)."""
 
     prompts: str = Field("digits:heldout", description="digits:heldout | parti | prompt file path")
-    max_prompts: int | None = Field(None, ge=1)
-    samples_per_prompt: int = Field(4, ge=1)
-    every: int = Field(0, ge=0, description="validate every N steps; 0 = only before and after training")
-    every_samples_per_prompt: int | None = Field(
+    max_prompts: Int | None = Field(None, ge=1)
+    samples_per_prompt: Int = Field(4, ge=1)
+    every: Int = Field(0, ge=0, description="validate every N steps; 0 = only before and after training")
+    every_samples_per_prompt: Int | None = Field(
         None, ge=1, description="samples per prompt of the periodic validations (a cheap budget); None = samples_per_prompt")
-    num_inference_steps: int = Field(25, ge=1)
+    num_inference_steps: Int = Field(25, ge=1)
     guidance_scale: float = Field(5.0, ge=0, description="CFG scale (1 = off); 5.0 = MaPO's validation value")
-    batch_size: int = Field(16, ge=1)
-    seed: int = 1234
+    batch_size: Int = Field(16, ge=1)
+    seed: Seed = 1234
 
 
 class ExportConfig(Strict):
@@ -213,7 +224,7 @@ class ObjectiveConfig(BaseModel):
 class RunConfig(Strict):
     """A whole run. Load with :func:`load_config`."""
 
-    seed: int = 0
+    seed: Seed = 0
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
@@ -237,7 +248,7 @@ LM_PIPELINES = ("language", "video_language")
 class LMLoraConfig(Strict):
     """LoRA for (video-)LMs through peft (``null`` = full fine-tune; the reference is then a frozen copy)."""
 
-    rank: int = Field(8, ge=1, description="LoRA rank r")
+    rank: Int = Field(8, ge=1, description="LoRA rank r")
     alpha: float = Field(16, gt=0, description="lora_alpha")
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | str | None = Field(
@@ -265,9 +276,9 @@ class SyntheticLMData(Strict):
     """Synthetic ``a+b=`` preference pairs (chosen: the sum; rejected: one digit changed) for smoke runs."""
 
     kind: Literal["arithmetic"] = "arithmetic"
-    n_train: int = Field(64, ge=1)
-    n_eval: int = Field(16, ge=0)
-    seed: int = 0
+    n_train: Int = Field(64, ge=1)
+    n_eval: Int = Field(16, ge=0)
+    seed: Seed = 0
 
 
 class LMDataConfig(Strict):
@@ -277,9 +288,9 @@ class LMDataConfig(Strict):
     train: str | None = None
     eval: str | None = None
     synthetic: SyntheticLMData | None = None
-    max_length: int = Field(1024, ge=8, description="prompt + completion tokens (video: expanded video tokens too)")
+    max_length: Int = Field(1024, ge=8, description="prompt + completion tokens (video: expanded video tokens too)")
     video_root: str | None = None
-    num_frames: int = Field(16, ge=1)
+    num_frames: Int = Field(16, ge=1)
     frame_sampling: Literal["official", "linspace"] = Field(
         "official", description="official: int(i*n/k) (RRPO force_sample) | linspace(0, n-1, k)")
     chat_template: Literal["auto", "on", "off"] = Field(
@@ -295,10 +306,10 @@ class LMDataConfig(Strict):
 class LMTrainConfig(Strict):
     """The TRL loop (``trl.DPOConfig`` is built from these; ``trl`` passes further DPOConfig fields through)."""
 
-    steps: int | None = Field(None, ge=1, description="optimizer steps; None = `epochs` passes over the data")
+    steps: Int | None = Field(None, ge=1, description="optimizer steps; None = `epochs` passes over the data")
     epochs: float = Field(1.0, gt=0)
-    batch_size: int = Field(8, ge=1, description="pairs per device per micro-step")
-    gradient_accumulation_steps: int = Field(1, ge=1)
+    batch_size: Int = Field(8, ge=1, description="pairs per device per micro-step")
+    gradient_accumulation_steps: Int = Field(1, ge=1)
     learning_rate: float = Field(1e-6, gt=0)
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
@@ -307,9 +318,9 @@ class LMTrainConfig(Strict):
     mixed_precision: Annotated[Literal["auto", "no", "fp16", "bf16"], BeforeValidator(_yaml_no)] = Field(
         "auto", description="auto: bf16 on a bf16-capable GPU, fp32 on CPU")
     gradient_checkpointing: bool = False
-    checkpoint_every: int = Field(0, ge=0, description="checkpoint every N steps; 0 = only at the end")
-    checkpoints_total_limit: int | None = Field(2, ge=1)
-    log_every: int = Field(1, ge=1)
+    checkpoint_every: Int = Field(0, ge=0, description="checkpoint every N steps; 0 = only at the end")
+    checkpoints_total_limit: Int | None = Field(2, ge=1)
+    log_every: Int = Field(1, ge=1)
     trl: dict[str, Any] = Field(default_factory=dict, description="extra trl.DPOConfig fields (checked by name)")
 
 
@@ -324,7 +335,7 @@ class LMExportConfig(Strict):
 class LMRunConfig(Strict):
     """A language-model run (pipeline family ``language`` / ``video_language``). Load with :func:`load_config`."""
 
-    seed: int = 0
+    seed: Seed = 0
     pipeline: LMPipelineConfig
     data: LMDataConfig
     objective: ObjectiveConfig = Field(default_factory=lambda: ObjectiveConfig(name="dpo"))
@@ -423,10 +434,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.exists():
             raise ConfigError(f"{source}: config file not found")
+        if p.is_dir():
+            raise ConfigError(f"{source}: is a folder, not a YAML config file")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = safe_user_yaml(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"{source}: not a text file (a YAML run config is expected)") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{source}: not valid YAML: {str(err).splitlines()[0]}") from None
+        except ValueError as err:
+            raise ConfigError(f"{source}: {err}") from None
     data = data or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(data).__name__}")

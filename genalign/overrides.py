@@ -28,6 +28,21 @@ def override_source(key: str, source: str, overrides: list[str] | None) -> str:
     return source
 
 
+def safe_user_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that refuses anchors and aliases (``&a`` / ``*a``).
+
+    Six lines of nested aliases expand to gigabytes (a "billion laughs" document) once validated or saved; run
+    configs never need them, so they are refused before anything is built.
+
+    Raises:
+        yaml.YAMLError: not valid YAML. ValueError: the text uses an alias.
+    """
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent):
+            raise ValueError(f"YAML alias *{event.anchor} is not allowed in genalign configs (write the value out)")
+    return yaml.safe_load(text)
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``"train.steps=50"`` → (["train", "steps"], 50); the value is parsed as YAML (numbers, bools, lists).
     ``"rewards.0.weight=2"`` addresses element 0 of the ``rewards`` list.
@@ -42,9 +57,11 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not all(p.strip() for p in path):
         raise OverrideError(f"--set {item}: empty part in the key {key.strip()!r} (expected key.sub=value)")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = safe_user_yaml(value) if value.strip() else None
     except yaml.YAMLError as err:
         raise OverrideError(f"--set {item}: the value is not valid YAML: {str(err).splitlines()[0]}") from None
+    except ValueError as err:
+        raise OverrideError(f"--set {item}: {err}") from None
     return [p.strip() for p in path], parsed
 
 
