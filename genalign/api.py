@@ -95,7 +95,8 @@ def export(run_dir, out_dir, checkpoint: str = "latest") -> Path:
 
 
 def generate(model: str, prompts: str, out, steps: int = 25, guidance_scale: float = 1.0, seed: int = 0,
-             batch_size: int = 16, num_per_prompt: int = 1, max_prompts: int | None = None) -> list[dict]:
+             batch_size: int = 16, num_per_prompt: int = 1, max_prompts: int | None = None, grid: bool = False,
+             progress: bool = False) -> list[dict]:
     """Generate images (PNG) or, for text-to-music pipelines, WAV files into ``out`` with ``metadata.jsonl``.
 
     Args:
@@ -103,14 +104,22 @@ def generate(model: str, prompts: str, out, steps: int = 25, guidance_scale: flo
         prompts: prompt spec (``digits:heldout``, ``parti``, a .txt/.tsv/.jsonl file).
         out: output folder. steps: sampler steps. guidance_scale: CFG (1 = off). seed: sample i uses seed + i.
         batch_size, num_per_prompt, max_prompts: batching and prompt selection.
+        grid: also write ``grid.png`` (one row per prompt, one column per sample; tiny images upscaled with
+            nearest-neighbour to at least 128 px) through ``diffusers.utils.make_image_grid``.
+        progress: a progress bar over the images (tqdm).
 
     Returns:
         the metadata rows (``file_name``, ``prompt``, ``seed``).
 
-    Library: diffusers ``DiffusionPipeline`` (images), genalign's audio adapters (WAV).
+    Raises:
+        FileNotFoundError: an unknown prompt set / missing prompt file (one line). WeightsNotFoundError: the model
+            cannot be loaded (offline: at once).
+
+    Library: diffusers ``DiffusionPipeline`` and ``make_image_grid`` (images), genalign's audio adapters (WAV).
     """
     import torch
     from diffusers.utils import numpy_to_pil
+    from tqdm.auto import tqdm
 
     from genalign.data.prompts import load_prompts
     from genalign.data.audio import generate_audio_files
@@ -123,44 +132,121 @@ def generate(model: str, prompts: str, out, steps: int = 25, guidance_scale: flo
     plist = [p for p in load_prompts(prompts, max_prompts) for _ in range(num_per_prompt)]
     out.mkdir(parents=True, exist_ok=True)
     audio = audio_adapter_for(model)
+    images = []
     if audio is not None:  # text-to-music: WAV files
         rows = generate_audio_files(audio, plist, out, steps, guidance_scale, seed, batch_size)
     else:
         pipe = load_diffusers_pipeline(model)
         pipe.set_progress_bar_config(disable=True)
         rows = []
-        for i in range(0, len(plist), batch_size):
-            chunk = plist[i:i + batch_size]
-            gens = [torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]
-            imgs = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens,
-                        output_type="np").images
-            for j, img in enumerate(numpy_to_pil(imgs)):
-                name = f"{i + j:05d}.png"
-                img.save(out / name)
-                rows.append({"file_name": name, "prompt": chunk[j], "seed": seed + i + j})
+        with tqdm(total=len(plist), desc="generate", unit="image", disable=not progress, dynamic_ncols=True) as bar:
+            for i in range(0, len(plist), batch_size):
+                chunk = plist[i:i + batch_size]
+                gens = [torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]
+                imgs = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens,
+                            output_type="np").images
+                for j, img in enumerate(numpy_to_pil(imgs)):
+                    name = f"{i + j:05d}.png"
+                    img.save(out / name)
+                    images.append(img)
+                    rows.append({"file_name": name, "prompt": chunk[j], "seed": seed + i + j})
+                bar.update(len(chunk))
     (out / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if grid and images:
+        image_grid(images, num_per_prompt).save(out / "grid.png")
     return rows
 
 
+def image_grid(images: list, cols: int, min_px: int = 128):
+    """A grid of PIL images (row-major, ``cols`` per row) with ``diffusers.utils.make_image_grid``, each image first
+    upscaled by an integer factor (nearest-neighbour) until its shorter side is at least ``min_px`` pixels."""
+    import math
+
+    from diffusers.utils import make_image_grid
+    from PIL import Image
+
+    k = max(1, math.ceil(min_px / max(1, min(images[0].size))))
+    big = [im.resize((im.width * k, im.height * k), Image.NEAREST) if k > 1 else im for im in images]
+    rows = math.ceil(len(big) / cols)
+    big += [Image.new(big[0].mode, big[0].size, "white")] * (rows * cols - len(big))  # pad the last row
+    return make_image_grid(big, rows=rows, cols=cols)
+
+
+def _media_manifest(samples: Path, recursive: bool, tmp: Path) -> tuple[Path, int]:
+    """What to hand to the scorer for ``samples``: a single media file or a recursive folder becomes a jsonl
+    manifest of absolute paths in ``tmp`` (sidecar ``<stem>.txt`` prompts kept); returns it and the number of media
+    files in sub-folders left out (not recursive).
+
+    Raises:
+        ValueError: a file that is neither media nor a jsonl manifest; a folder without media files (one line).
+    """
+    from genalign.evaluation.scoring import AUDIO_SUFFIXES, IMAGE_SUFFIXES
+
+    media = IMAGE_SUFFIXES + AUDIO_SUFFIXES
+
+    def manifest(files: list[Path]) -> Path:
+        lines = []
+        for f in files:
+            txt = f.with_suffix(".txt")
+            prompt = txt.read_text(encoding="utf-8").strip() if txt.exists() else None
+            lines.append(json.dumps({"file_name": str(f.resolve()), "prompt": prompt}))
+        (tmp / "manifest.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return tmp / "manifest.jsonl"
+
+    if samples.is_file():
+        if samples.suffix.lower() in media:
+            return manifest([samples]), 0
+        if samples.suffix.lower() != ".jsonl":
+            raise ValueError(f"{samples}: not an image ({', '.join(IMAGE_SUFFIXES)}), audio "
+                             f"({', '.join(AUDIO_SUFFIXES)}) or .jsonl manifest file")
+        return samples, 0
+    if not samples.is_dir():
+        return samples, 0  # the scorer names the missing path
+    if any((samples / m).exists() for m in ("prompts.jsonl", "metadata.jsonl")) and not recursive:
+        return samples, 0
+    direct = [f for f in sorted(samples.iterdir()) if f.is_file() and f.suffix.lower() in media]
+    nested = [f for f in sorted(samples.rglob("*")) if f.is_file() and f.suffix.lower() in media
+              and f.parent != samples]
+    if recursive:
+        if not direct + nested:
+            raise ValueError(f"{samples}: no image or audio files in it or its sub-folders")
+        return manifest(sorted(direct + nested)), 0
+    if not direct:
+        hint = f"; {len(nested)} in sub-folders: add --recursive (recursive=True)" if nested else ""
+        raise ValueError(f"{samples}: no image or audio files{hint}")
+    return samples, len(nested)
+
+
 def score(samples, rewards: list, batch_size: int = 8, device: str | None = None, prompts: str | None = None,
-          modality: str = "auto", progress: bool = True) -> dict:
-    """Score a folder of images / audio (or a jsonl manifest) with rewards (see
+          modality: str = "auto", progress: bool = True, recursive: bool = False) -> dict:
+    """Score a folder of images / audio, a single file, or a jsonl manifest with rewards (see
     :func:`genalign.evaluation.scoring.score_samples`).
 
     Args:
-        samples: folder or manifest. rewards: reward names or ``{"name", "weight", "kwargs"}`` dicts.
+        samples: folder, one image / audio file, or manifest. rewards: reward names or ``{"name", "weight",
+            "kwargs"}`` dicts (``kwargs`` go to the reward's constructor).
         prompts: prompt file matched to samples. modality: ``image`` | ``audio`` | ``auto``.
+        recursive: also score the files of sub-folders; without it they are counted (``skipped_subfolders``).
 
     Returns:
         ``{"per_sample": [...], "stats": {reward: {n, mean, std, min, max}}, "set": [...], "skipped": int,
-        "modality": str, "folder": str}``.
+        "skipped_subfolders": int, "modality": str, "folder": str}``.
+
+    Raises:
+        ValueError: a folder without samples, a file that is no sample (one line). FileNotFoundError: a missing
+            path. KeyError: an unknown reward.
     """
+    import tempfile
+
     from genalign.evaluation.scoring import score_samples
 
     specs = [{"name": r} if isinstance(r, str) else r for r in rewards]
-    res = score_samples(str(samples), specs, batch_size=batch_size, device=device, prompts=prompts,
-                        modality=modality, progress=progress)
-    res.setdefault("folder", str(samples))
+    with tempfile.TemporaryDirectory(prefix="genalign-score-") as tmp:
+        src, nested = _media_manifest(Path(samples), recursive, Path(tmp))
+        res = score_samples(str(src), specs, batch_size=batch_size, device=device, prompts=prompts,
+                            modality=modality, progress=progress)
+    res["folder"] = str(samples)
+    res["skipped_subfolders"] = nested
     return res
 
 

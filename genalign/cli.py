@@ -60,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance-scale", type=float, default=1.0, help="CFG scale (1 = no guidance)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--grid", action="store_true",
+                   help="also write grid.png: one row per prompt, one column per sample (tiny images upscaled)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
 
     e = sub.add_parser("export", help="export a run as a vanilla Diffusers pipeline + LoRA + model card",
                        description="Export RUN_DIR's newest (or a given) checkpoint to OUT_DIR: a Diffusers pipeline "
@@ -77,10 +80,13 @@ def _parser() -> argparse.ArgumentParser:
                        epilog="examples:\n  genalign score --reward pickscore,hps-v2.1 --images samples/ --out scores.csv\n"
                               "  genalign score --reward clap --audio clips/ --prompts prompts.txt\n"
                               "  genalign score --run runs/quickstart            # the run's own rewards")
-    s.add_argument("samples", nargs="?", default=None, help="folder of samples or a jsonl manifest (same as --images)")
+    s.add_argument("samples", nargs="?", default=None,
+                   help="folder of samples, one image / audio file, or a jsonl manifest (same as --images)")
     src = s.add_mutually_exclusive_group()
-    src.add_argument("--images", metavar="DIR", default=None, help="folder of images (or a jsonl manifest)")
-    src.add_argument("--audio", metavar="DIR", default=None, help="folder of audio files (.wav/.flac/.ogg)")
+    src.add_argument("--images", metavar="DIR", default=None,
+                     help="folder of images, one image file, or a jsonl manifest")
+    src.add_argument("--audio", metavar="DIR", default=None,
+                     help="folder of audio files (.wav/.flac/.ogg) or one audio file")
     src.add_argument("--run", metavar="RUN_DIR", default=None,
                      help="a run folder: generate (or reuse) its held-out samples and score them")
     src.add_argument("--conditions", metavar="DIR", default=None,
@@ -92,6 +98,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--reward", action="append", default=None, metavar="NAME[,NAME...]",
                    help="reward name(s), comma-separated or repeated; see `genalign list rewards` "
                         "(default with --run: the run's config rewards)")
+    s.add_argument("--reward-kwargs", default=None, metavar="JSON",
+                   help='constructor settings for every --reward, a JSON object, e.g. \'{"tiny": true}\'')
+    s.add_argument("--reward-config", default=None, metavar="YAML",
+                   help="rewards with their settings: a YAML list of {name, weight, kwargs} items, or a run config "
+                        "(its rewards: section)")
+    s.add_argument("--recursive", action="store_true",
+                   help="also score the files in sub-folders (without it they are counted as skipped)")
     s.add_argument("--prompts", default=None, metavar="FILE", help="prompts file: manifest (.jsonl with file_name, "
                    "prompt) or prompt list (.txt/.tsv/.jsonl)")
     s.add_argument("--which", choices=["trained", "base", "both"], default="trained",
@@ -159,12 +172,59 @@ def _cmd_train(args) -> int:
 def _cmd_generate(args) -> int:
     from genalign import api
 
+    from genalign.data.prompts import load_prompts
+
+    try:  # an unknown prompt set / missing prompt file: one line naming the option, before the model loads
+        load_prompts(args.prompts, args.max_prompts)
+    except (FileNotFoundError, ValueError) as err:
+        raise OSError(f"--prompts {args.prompts}: {err}") from None
     rows = api.generate(args.model, args.prompts, args.out, steps=args.steps, guidance_scale=args.guidance_scale,
                         seed=args.seed, batch_size=args.batch_size, num_per_prompt=args.num_per_prompt,
-                        max_prompts=args.max_prompts)
+                        max_prompts=args.max_prompts, grid=args.grid, progress=not args.quiet)
     kind = "WAV files" if rows and str(rows[0]["file_name"]).endswith(".wav") else "images"
-    print(f"wrote {len(rows)} {kind} to {args.out}")
+    grid = f" and {Path(args.out) / 'grid.png'}" if args.grid and (Path(args.out) / "grid.png").exists() else ""
+    print(f"wrote {len(rows)} {kind} to {args.out}{grid}")
     return 0
+
+
+def _reward_specs(args) -> list:
+    """--reward names (+ --reward-kwargs) and --reward-config items as validated reward specs (dicts)."""
+    import yaml
+    from pydantic import ValidationError
+
+    from genalign.config import ConfigError, RewardItem
+
+    names = [n.strip() for r in (args.reward or []) for n in r.split(",") if n.strip()]
+    kwargs = {}
+    if args.reward_kwargs:
+        try:
+            kwargs = json.loads(args.reward_kwargs)
+        except ValueError as err:
+            raise ConfigError(f"--reward-kwargs: not valid JSON: {err}") from None
+        if not isinstance(kwargs, dict):
+            raise ConfigError(f"--reward-kwargs: expected a JSON object {{...}}, got {type(kwargs).__name__}")
+        if not names and not args.reward_config:
+            raise ConfigError("--reward-kwargs needs --reward NAME")
+    items: list = [{"name": n, "kwargs": kwargs} for n in names]
+    if args.reward_config:
+        path = Path(args.reward_config)
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--reward-config {path}: not valid YAML: {str(err).splitlines()[0]}") from None
+        listed = raw.get("rewards") if isinstance(raw, dict) else raw
+        if not isinstance(listed, list) or not listed:
+            raise ConfigError(f"--reward-config {path}: expected a list of rewards ({{name, weight, kwargs}}) or a "
+                              "mapping with a rewards: list")
+        for i, it in enumerate(listed):
+            try:
+                items.append(RewardItem.model_validate({"name": it} if isinstance(it, str) else it).model_dump())
+            except ValidationError as err:
+                e = err.errors()[0]
+                key = ".".join(str(x) for x in e["loc"])
+                where = f"rewards.{i}" + (f".{key}" if key else "")
+                raise ConfigError(f"--reward-config {path}: {where}: {e['msg']}") from None
+    return items
 
 
 def _cmd_export(args) -> int:
@@ -200,7 +260,8 @@ def _cmd_score(args) -> int:
     from genalign.config import ConfigError
     from genalign.evaluation.scoring import write_scores
 
-    names = [n.strip() for r in (args.reward or []) for n in r.split(",") if n.strip()]
+    specs = _reward_specs(args)
+    names = [it["name"] for it in specs]
     if args.conditions:  # controllability of a ControlNet's samples (Ctrl-U / ControlNet++ evaluation)
         if len(names) != 1:
             raise ConfigError("--conditions needs exactly one --reward (a condition reward)")
@@ -213,20 +274,27 @@ def _cmd_score(args) -> int:
         raise ConfigError("give the samples either positionally or with --images/--audio/--run, not both")
     modality = "audio" if args.audio else "image" if (args.images or args.samples) else "auto"
     if args.run:
-        results = api.score_run(args.run, names, args.which, batch_size=args.batch_size, device=args.device,
+        results = api.score_run(args.run, specs, args.which, batch_size=args.batch_size, device=args.device,
                                 progress=not args.quiet)
     elif args.images or args.audio or args.samples:
-        if not names:
+        if not specs:
             raise ConfigError("give at least one --reward NAME (see `genalign list rewards`)")
-        results = {"samples": api.score(args.images or args.audio or args.samples, names, batch_size=args.batch_size,
-                                        device=args.device, prompts=args.prompts, modality=modality,
-                                        progress=not args.quiet)}
+        try:
+            results = {"samples": api.score(args.images or args.audio or args.samples, specs,
+                                            batch_size=args.batch_size, device=args.device, prompts=args.prompts,
+                                            modality=modality, progress=not args.quiet, recursive=args.recursive)}
+        except TypeError as err:  # a reward setting its constructor does not take
+            if not any(it.get("kwargs") for it in specs):
+                raise
+            raise ConfigError(f"reward settings (--reward-kwargs / --reward-config): {err}") from None
     else:
         raise ConfigError("nothing to score: give --images DIR, --audio DIR or --run RUN_DIR")
     console = Console()
     for res in results.values():
+        nested = res.get("skipped_subfolders", 0)
         table = Table(title=f"{res['folder']}: {len(res['per_sample'])} {res['modality']} sample(s)"
-                            + (f", {res['skipped']} unreadable skipped" if res["skipped"] else ""))
+                            + (f", {res['skipped']} unreadable skipped" if res["skipped"] else "")
+                            + (f", {nested} in sub-folders skipped (--recursive scores them)" if nested else ""))
         for col in ("reward", "n", "mean", "std", "min", "max"):
             table.add_column(col, justify="left" if col == "reward" else "right")
         for k, st in res["stats"].items():

@@ -192,3 +192,116 @@ def test_new_commands_have_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main([cmd, "--help"])
     assert e.value.code == 0 and "usage: genalign " + cmd in capsys.readouterr().out
+
+
+# -- generate / score conventions (issue 17) -----------------------------------------------------------------------
+def test_generate_unknown_prompt_set_is_one_line(tmp_path, capsys):
+    assert main(["generate", "builtin:digits", "--prompts", "nope:set", "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("genalign generate: error: --prompts nope:set:")
+    assert not (tmp_path / "o").exists()  # checked before the model loads
+
+
+def test_generate_grid_upscales_tiny_images(tmp_path, capsys):
+    from genalign.pipelines.tiny import tiny_sd_pipeline
+
+    tiny_sd_pipeline().save_pretrained(tmp_path / "model")
+    out = tmp_path / "samples"
+    assert main(["generate", str(tmp_path / "model"), "--prompts", "digits:heldout", "--max-prompts", "2",
+                 "--num-per-prompt", "3", "--steps", "2", "--out", str(out), "--grid", "--quiet"]) == 0
+    assert "grid.png" in capsys.readouterr().out
+    grid = Image.open(out / "grid.png").convert("RGB")
+    assert grid.size == (3 * 128, 2 * 128)  # 3 samples per row, one row per prompt, 8 px images x16
+    rows = [json.loads(x) for x in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows][:3] == [rows[0]["prompt"]] * 3 and rows[3]["prompt"] != rows[0]["prompt"]
+    # cell (row 1, column 2) is sample 5, upscaled with nearest-neighbour
+    cell = grid.crop((2 * 128, 128, 3 * 128, 256))
+    ref = Image.open(out / rows[5]["file_name"]).convert("RGB").resize((128, 128), Image.NEAREST)
+    assert np.array_equal(np.asarray(cell), np.asarray(ref))
+
+
+def test_score_a_single_file_empty_folder_and_non_media(tmp_path, capsys):
+    _img(tmp_path / "a.png", 60)
+    _img(tmp_path / "b.png", 120)
+    out = tmp_path / "one.jsonl"
+    assert main(["score", "--images", str(tmp_path / "b.png"), "--reward", "ink_mass", "--out", str(out),
+                 "--quiet"]) == 0
+    (row,) = [json.loads(x) for x in out.read_text().splitlines()]
+    assert row["ink_mass"] == pytest.approx(120 / 255, abs=1e-5) and row["file"].endswith("b.png")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    capsys.readouterr()
+    assert main(["score", "--images", str(empty), "--reward", "ink_mass", "--quiet"]) == 2
+    err = capsys.readouterr()
+    assert err.err.strip() == f"genalign score: error: {empty}: no image or audio files" and "nan" not in err.out
+    (tmp_path / "notes.md").write_text("hello")
+    assert main(["score", str(tmp_path / "notes.md"), "--reward", "ink_mass", "--quiet"]) == 2
+    assert "not an image" in capsys.readouterr().err
+
+
+def test_sub_folders_are_counted_or_scored_with_recursive(tmp_path, capsys):
+    from genalign import api
+
+    _img(tmp_path / "00000.png", 30)
+    (tmp_path / "sub" / "deeper").mkdir(parents=True)
+    _img(tmp_path / "sub" / "00001.png", 90)
+    _img(tmp_path / "sub" / "deeper" / "00002.png", 150)
+    res = api.score(tmp_path, ["ink_mass"], progress=False)
+    assert len(res["per_sample"]) == 1 and res["skipped_subfolders"] == 2
+    assert main(["score", "--images", str(tmp_path), "--reward", "ink_mass", "--quiet"]) == 0
+    assert "2 in sub-folders skipped (--recursive scores them)" in " ".join(capsys.readouterr().out.split())
+    res = api.score(tmp_path, ["ink_mass"], progress=False, recursive=True)
+    assert [round(r["ink_mass"] * 255) for r in res["per_sample"]] == [30, 90, 150] and res["skipped_subfolders"] == 0
+    only_sub = tmp_path / "sub"
+    (only_sub / "00001.png").unlink()
+    with pytest.raises(ValueError, match="no image or audio files; 1 in sub-folders: add --recursive"):
+        api.score(only_sub, ["ink_mass"], progress=False)
+
+
+def test_reward_settings_reach_the_reward(tmp_path, capsys):
+    _img(tmp_path / "flat.png", 100)  # a constant image: contrast = sqrt(0 + eps)
+    out = tmp_path / "s.jsonl"
+    assert main(["score", "--images", str(tmp_path), "--reward", "contrast", "--out", str(out), "--quiet"]) == 0
+    assert json.loads(out.read_text())["contrast"] == pytest.approx(1e-6, abs=1e-6)
+    assert main(["score", "--images", str(tmp_path), "--reward", "contrast", "--reward-kwargs", '{"eps": 0.25}',
+                 "--out", str(out), "--quiet"]) == 0
+    assert json.loads(out.read_text())["contrast"] == pytest.approx(0.5)
+    cfg = tmp_path / "rewards.yaml"
+    cfg.write_text("rewards:\n  - {name: contrast, kwargs: {eps: 0.04}}\n  - ink_mass\n")
+    assert main(["score", "--images", str(tmp_path), "--reward-config", str(cfg), "--out", str(out), "--quiet"]) == 0
+    row = json.loads(out.read_text())
+    assert row["contrast"] == pytest.approx(0.2) and row["ink_mass"] == pytest.approx(100 / 255, abs=1e-5)
+    capsys.readouterr()
+    for bad, msg in ((["--reward", "contrast", "--reward-kwargs", "{eps: 1}"], "--reward-kwargs: not valid JSON"),
+                     (["--reward", "contrast", "--reward-kwargs", "[1]"], "--reward-kwargs: expected a JSON object"),
+                     (["--reward", "contrast", "--reward-kwargs", '{"nope": 1}'], "reward settings")):
+        assert main(["score", "--images", str(tmp_path), *bad, "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and msg in err, err
+    cfg.write_text("rewards:\n  - {name: contrast, wieght: 2}\n")
+    assert main(["score", "--images", str(tmp_path), "--reward-config", str(cfg), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--reward-config {cfg}: rewards.0.wieght" in err
+
+
+def test_score_run_reuses_the_samples_training_kept(tmp_path):
+    """A run whose training kept its held-out samples is scored on them (nothing drawn, no export needed)."""
+    from genalign.config import load_config, save_config
+
+    run = tmp_path / "run"
+    folder = run / "samples" / "heldout-trained"
+    folder.mkdir(parents=True)
+    cfg = load_config(None, ["validation.max_prompts=1", "validation.samples_per_prompt=2"])
+    save_config(cfg, run / "config.yaml")
+    from genalign.data.prompts import load_prompts
+
+    prompt = load_prompts(cfg.validation.prompts, 1)[0]
+    for i, v in enumerate((40, 200)):
+        _img(folder / f"sample_{i:05d}.png", v)
+    (folder / "metadata.rank0.jsonl").write_text("".join(
+        json.dumps({"file_name": f"sample_{i:05d}.png", "index": i, "prompt": prompt, "seed": 1234 + i, "sample": i,
+                    "rewards": {}}) + "\n" for i in range(2)))
+    out = tmp_path / "s.jsonl"
+    assert main(["score", "--run", str(run), "--reward", "ink_mass", "--out", str(out), "--quiet"]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [round(r["ink_mass"] * 255) for r in rows] == [40, 200] and not (folder / "generation.json").exists()
