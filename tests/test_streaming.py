@@ -237,8 +237,9 @@ _RSS_SCRIPT = textwrap.dedent("""
     from genalign.training.trainer import train
     data, out = sys.argv[1], sys.argv[2]
     cfg = load_config(Path(sys.argv[3]), [
-        "pipeline.model=tiny:sdxl", "pipeline.vae=null", "pipeline.resolution=64", "train.use_8bit_adam=false",
-        "train.mixed_precision=no", "train.steps=2", "train.batch_size=2", "train.gradient_accumulation_steps=1",
+        "pipeline.model=tiny:sdxl", "pipeline.vae=null", "pipeline.resolution=48", "train.use_8bit_adam=false",
+        "pipeline.gradient_checkpointing=false",
+        "train.mixed_precision=no", "train.steps=2", "train.batch_size=1", "train.gradient_accumulation_steps=1",
         "data.source.source=" + data, "data.cache_latents=false", "export.enabled=false", "export.report=false",
         "validation.prompts=digits:heldout", "validation.max_prompts=1", "validation.samples_per_prompt=1",
         "validation.num_inference_steps=1", "rewards=[{name: digit_classifier}]",
@@ -249,13 +250,14 @@ _RSS_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # ~3-6 min on 2 shared cores (two subprocess runs at 48 px)
 def test_pickapic_parquet_trains_two_steps_and_memory_does_not_grow(tmp_path):
     """2 MaPO steps of the SDXL recipe on a parquet folder of real JPEGs (model swapped by --set); peak RSS with
-    2,000 pairs within 60 MB of 100 pairs. Images are 96×80 at resolution 64: decoding all 2,000 pairs up front
-    (the old loader) would hold 2 × 2,000 × 3 × 64² float32 = 197 MB."""
+    2,000 pairs within 60 MB of 100 pairs. Images are 72×60 at resolution 48: decoding all 2,000 pairs up front
+    (the old loader) would hold 2 × 2,000 × 3 × 48² float32 = 111 MB."""
     res = {}
     for n in (100, 2000):
-        d = write_pickapic(tmp_path / f"pp{n}", n, size=(96, 80))
+        d = write_pickapic(tmp_path / f"pp{n}", n, size=(72, 60))
         script = tmp_path / "run.py"
         script.write_text(_RSS_SCRIPT)
         p = subprocess.run([sys.executable, str(script), str(d), str(tmp_path / f"run{n}"),
@@ -263,6 +265,29 @@ def test_pickapic_parquet_trains_two_steps_and_memory_does_not_grow(tmp_path):
                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
         assert p.returncode == 0, p.stderr[-3000:]
         res[n] = json.loads(p.stdout.strip().splitlines()[-1])
+    print("peak RSS (MB):", {n: round(r["rss_mb"], 1) for n, r in res.items()})  # shown with -s / -rA
     assert res[100]["rows"] == 100 and res[2000]["rows"] == 2000 and res[2000]["steps"] == 2
     assert all(np.isfinite(res[2000]["loss"]))
     assert res[2000]["rss_mb"] - res[100]["rss_mb"] < 60, res
+
+
+@pytest.mark.parametrize("recipe", ["mapo_sdxl.yaml", "dpo_sdxl.yaml"])
+def test_sdxl_recipe_trains_two_steps_on_pickapic_parquet(tmp_path, recipe):
+    """The recipe as written (streamed, cache_latents false) on a Pick-a-Pic parquet folder of real JPEGs, with
+    the model swapped by --set as in tests/test_training.py, one DataLoader worker, random crops."""
+    from genalign.config import load_config
+    from genalign.training.trainer import train
+
+    d = write_pickapic(tmp_path / "pp", 24, size=(20, 14), ties_every=6)
+    cfg = load_config(ROOT / "configs" / recipe, [
+        "pipeline.model=tiny:sdxl", "pipeline.vae=null", "pipeline.resolution=8", "train.use_8bit_adam=false",
+        "train.optimizer=adamw", "train.mixed_precision=no", "train.steps=2", "train.batch_size=2",
+        "train.gradient_accumulation_steps=1", f"data.source.source={d}", "data.source.random_crop=true",
+        "data.num_workers=1", "export.enabled=false", "export.report=false", "validation.prompts=digits:heldout",
+        "validation.max_prompts=1", "validation.samples_per_prompt=1", "validation.num_inference_steps=2",
+        "rewards=[{name: digit_classifier}]",
+    ])
+    assert cfg.data.cache_latents is False
+    s = train(cfg, tmp_path / "run", progress=False)
+    assert s["steps"] == 2 and s["num_rows"] == 20 and s["data_skipped"]["ties"] == 4
+    assert all(np.isfinite(h["loss"]) for h in s["history"] if "loss" in h)
