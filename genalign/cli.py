@@ -372,6 +372,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "list":  # names + descriptions from the registry's static table: no torch import
         return _cmd_list(args)
+    if args.command == "report":  # reads what training kept: diffusers / transformers are not imported up front
+        try:
+            return _cmd_report(args)
+        except OSError as err:
+            print(f"genalign report: error: {err}", file=sys.stderr)
+            return 2
     _quiet_libraries()
     from genalign.config import ConfigError
     from genalign.rewards.base import WeightsNotFoundError
