@@ -45,10 +45,10 @@ def test_palette_image_maps_to_class_ids():
 
 
 def test_ade20k_recipe_uses_the_palette_by_default():
-    cfg = load_config(ROOT / "configs" / "ctrl_u_ade20k_seg.yaml")
-    assert cfg.objective.reward_kwargs["palette"] == "ade20k"
-    kw = {**cfg.objective.reward_kwargs, "tiny": True, "size": 32}
-    reward = build_condition_reward(cfg.objective.reward, kw)
+    params = load_config(ROOT / "configs" / "ctrl_u_ade20k_seg.yaml").objective_params()
+    assert params.reward.name == "upernet" and params.reward.kwargs["palette"] == "ade20k"
+    kw = {**params.reward.kwargs, "tiny": True, "size": 32}
+    reward = build_condition_reward(params.reward.name, kw)
     assert torch.equal(reward.palette, ade20k_palette())
     # the red channel alone would give label 120 for "wall": the palette gives 0
     assert reward.target_from_condition(_palette_image([0], extra_black=False)).tolist() == [[[0]]]

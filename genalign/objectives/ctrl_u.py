@@ -31,8 +31,9 @@ from typing import Any, Literal, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from genalign.config import RewardItem
 from genalign.data.conditions import ConditionData, conditions_for_prompts, load_condition_rows
 from genalign.objectives.base import LossOutput, Objective, ObjectiveParams, StepResult
 from genalign.pipelines.base import repeat_cond
@@ -245,8 +246,9 @@ def pair_rows(x: torch.Tensor) -> torch.Tensor:
 class ControlNetParams(ObjectiveParams):
     """Fields shared by the ControlNet objectives (data, condition reward, ControlNet init)."""
 
-    reward: str = Field("digit_stroke_mask", description="condition reward (reward registry; a ConditionReward)")
-    reward_kwargs: dict[str, Any] = Field(default_factory=dict, description="its constructor args (weights, tiny...)")
+    reward: RewardItem = Field(default_factory=lambda: RewardItem(name="digit_stroke_mask"),
+                               description="the condition reward as a reward member {name, kwargs} (a registered "
+                                           "ConditionReward; a bare name is accepted); its weight is grad_scale")
     condition: Literal["derive", "dataset"] = Field(
         "derive", description="derive: condition = reward detector on the real image (digits, hed/lineart); "
                               "dataset: read data.source.condition_column")
@@ -254,6 +256,19 @@ class ControlNetParams(ObjectiveParams):
                                                      "folder's own ControlNet) or a ControlNet folder / hub id "
                                                      "[unknown → rec.] (official init undocumented, card §3)")
     val_source: str = Field("digits:test", description="held-out (image, condition) source for validation sampling")
+
+    @field_validator("reward", mode="before")
+    @classmethod
+    def _reward_member(cls, v):
+        return {"name": v} if isinstance(v, str) else v
+
+    @field_validator("reward")
+    @classmethod
+    def _plain_member(cls, v: RewardItem) -> RewardItem:
+        if v.weight != 1.0 or v.normalize != "none":
+            raise ValueError("objective.reward: weight/normalize do not apply to the condition reward (its weight is "
+                             "objective.grad_scale)")
+        return v
 
 
 class ControlNetPPParams(ControlNetParams):
@@ -293,8 +308,9 @@ class CtrlUParams(ControlNetPPParams):
 
 #: [code] per-run values of ``train/ctrlu_*.sh`` (steps, batch, lr, EMA are in the recipes under configs/).
 OFFICIAL_RUNS: dict[str, dict[str, Any]] = {
-    "ade20k": dict(grad_scale=0.1, u_scale=1.0, t_max=400, condition="dataset", reward="upernet",
-                   reward_kwargs={"size": 512, "palette": "ade20k"}, init_controlnet="lllyasviel/control_v11p_sd15_seg"),
+    "ade20k": dict(grad_scale=0.1, u_scale=1.0, t_max=400, condition="dataset",
+                   reward={"name": "upernet", "kwargs": {"size": 512, "palette": "ade20k"}},
+                   init_controlnet="lllyasviel/control_v11p_sd15_seg"),
     "cocostuff": dict(grad_scale=0.2, u_scale=0.1, t_max=200, condition="dataset",
                       init_controlnet="lllyasviel/control_v11p_sd15_seg"),
     "depth": dict(grad_scale=1.0, u_scale=0.1, t_max=400, condition="dataset", reward="dpt_depth",
@@ -326,11 +342,11 @@ class _ControlNetObjective(Objective):
             raise ValueError(f"objective {type(self).__name__}: needs `pipeline.name: controlnet` (got adapter "
                              f"{type(model).__name__})")
         model.set_controlnet(config.init_controlnet)
-        self.reward = build_condition_reward(config.reward, config.reward_kwargs, model.device)
+        self.reward = build_condition_reward(config.reward.name, config.reward.kwargs, model.device)
         self.task = self.reward.task
         if self.use_reward and not self.reward.differentiable:
             logger.warning("objective.reward %r is not differentiable: the reward terms give no gradient "
-                           "(ctrl_u.md §6.7)", config.reward)
+                           "(ctrl_u.md §6.7)", config.reward.name)
         self._step = 0
         self._val = None
 

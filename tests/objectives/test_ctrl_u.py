@@ -253,3 +253,16 @@ def test_fp16_inputs_are_upcast():
     a = torch.full((1, 2, 2), 0.3, dtype=torch.float16)
     r, reg, U = ctrl_u_reward_terms(p, a, torch.full((1, 2, 2), 0.6), torch.tensor([1]), "depth", 0, 400, 0.1)
     assert r.dtype == torch.float32 and U.dtype == torch.float32
+
+
+def test_condition_reward_is_a_reward_member():
+    # One config shape for reward members everywhere (issue 12): {name, kwargs}; a bare name still reads.
+    c = CtrlU.Config(reward={"name": "upernet", "kwargs": {"palette": "ade20k"}})
+    assert c.reward.name == "upernet" and c.reward.kwargs == {"palette": "ade20k"}
+    assert CtrlU.Config(reward="soft_edges").reward.name == "soft_edges"
+    assert CtrlU.Config().reward.name == "digit_stroke_mask"
+    assert CtrlU.Config.for_run("ade20k").reward.kwargs["palette"] == "ade20k"
+    with pytest.raises(ValueError, match="grad_scale"):
+        CtrlU.Config(reward={"name": "upernet", "weight": 2.0})
+    with pytest.raises(ValueError):
+        CtrlU.Config(reward_kwargs={"palette": "ade20k"})  # the old second field is gone (extra keys are errors)
