@@ -283,11 +283,21 @@ def _fused_attention(counter: list):
 
     F.scaled_dot_product_attention = sdpa
     torch.nn.functional.scaled_dot_product_attention = sdpa
+    mu = orig_packed = None
+    with contextlib.suppress(ImportError):
+        # Why: transformers inspects position ids for packed sequences with .item(), impossible on meta tensors;
+        # a plain causal batch has none.
+        import transformers.masking_utils as mu
+
+        orig_packed = mu.find_packed_sequence_indices
+        mu.find_packed_sequence_indices = lambda position_ids: None
     try:
         yield
     finally:
         F.scaled_dot_product_attention = orig
         torch.nn.functional.scaled_dot_product_attention = orig
+        if orig_packed is not None:
+            mu.find_packed_sequence_indices = orig_packed
 
 
 def _block_modules(module) -> list:
