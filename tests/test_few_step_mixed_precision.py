@@ -1,7 +1,6 @@
 """Issue 13 §2 for the few-step and ControlNet exports: base weights held in bf16 during training never absorb a
 LoRA delta or get saved as half-precision copies — the fold is fp32 on a fresh fp32 base load."""
 
-import pytest
 import torch
 
 from genalign.config import load_config
