@@ -120,9 +120,9 @@ def test_video_tokens_and_the_rrpo_length_check():
 
 
 def test_memory_model_within_tolerance_of_a_measured_step():
-    """The benchmark's check on a small SD-1.5-architecture pipeline (channels ÷ 8, latent 16, 1 MaPO LoRA step,
-    CPU bf16): estimate within 35 % of the measured peak RSS rise (the real-size run aims at 25 %)."""
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plan_memory.py"), "--scale", "8", "--latent", "16",
+    """The benchmark's check on a small SD-1.5-architecture pipeline (channels ÷ 4, latent 16, 1 MaPO LoRA step,
+    CPU bf16): estimate within 35 % of the measured peak RSS rise (measured −16 %; the real-size run: −4 %)."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plan_memory.py"), "--scale", "4", "--latent", "16",
                           "--steps", "1"], capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
