@@ -168,7 +168,7 @@ class PreferenceSource:
     Args:
         source: a ``.jsonl`` file, a folder with a jsonl / ``*.parquet`` files (read in place with pyarrow) /
             a ``datasets.save_to_disk`` folder, or a `datasets` hub id (its parquet files are read remotely,
-            row group by row group, through ``huggingface_hub.HfFileSystem``: nothing is downloaded up front).
+            row group by row group, through ``huggingface_hub.HfFileSystem``: only captions and labels up front).
         split: split name for hub ids / DatasetDict folders.
         ties: "drop" (count and skip) or "error".
         max_pairs: keep the first N usable rows.
@@ -339,7 +339,7 @@ class PreferenceSource:
 
             fs = HfFileSystem()
             files = sorted(p for p in fs.glob(f"datasets/{self.source}/**/*.parquet")
-                           if self.split in Path(p).name.split("-")[0] or f"/{self.split}/" in p)
+                           if Path(p).name.split("-")[0] == self.split or f"/{self.split}/" in p)
             if not files:
                 raise FileNotFoundError("no parquet files for this split")
         except Exception as err:
