@@ -128,12 +128,15 @@ def _parser() -> argparse.ArgumentParser:
     rl.add_argument("--quiet", action="store_true", help="no progress bar")
 
     rp = sub.add_parser("report", help="write a run's self-contained HTML report",
-                        description="Write one self-contained HTML page for a run: before/after sample grids per "
-                                    "held-out prompt (base model vs export, same seeds), reward curves over training, "
-                                    "the resolved config and the final reward table.")
+                        description="Write one self-contained HTML page for a run from what training kept (nothing is "
+                                    "drawn again): per held-out prompt the base and trained samples of the same seed "
+                                    "side by side with the prompt's mean reward before/after, the per-sample win rate, "
+                                    "reward histograms and curves, the fidelity figure where the run has one, the "
+                                    "final reward table and the resolved config.")
     rp.add_argument("run_dir")
     rp.add_argument("--out", default=None, help="output .html (default: RUN_DIR/report.html)")
-    rp.add_argument("--no-samples", action="store_true", help="skip generating the sample grids")
+    rp.add_argument("--no-samples", action="store_true",
+                    help="for runs that kept no samples (older runs): do not draw them for the page")
     rp.add_argument("--device", default=None)
 
     pl = sub.add_parser("plan", help="pre-flight: parameters, peak memory per GPU, step time, data and sequence "
