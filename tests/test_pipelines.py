@@ -155,3 +155,24 @@ def test_reference_first_dpo_is_bitwise_the_policy_first_order():
     grads_b = grads_of(loss_b)
     assert torch.equal(loss_a, loss_b) and loss_a.item() != pytest.approx(0.6931, abs=1e-4)
     assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b)) and any(a.abs().sum() > 0 for a in grads_a)
+
+
+@pytest.mark.parametrize("name", ["diffusion_dpo", "mapo"])
+def test_equivalent_beta_in_the_other_reduction_is_logged_once(name, caplog):
+    """Issue 14 item 15: DPO and MaPO log their scale in the other reduction convention, as DDO / DRAGON do."""
+    import logging
+
+    from genalign.registry import objectives
+
+    sd = SDAdapter(tiny_sd_pipeline(), lora=LoraConfig(rank=2))
+    cls = objectives.get(name)
+    obj = cls(cls.Config(), sd)
+    batch = {"latents_w": torch.randn(2, 4, 8, 8), "latents_l": torch.randn(2, 4, 8, 8),
+             "cond": sd.encode_prompt(["a", "b"])}
+    with caplog.at_level(logging.INFO):
+        obj.loss(batch, torch.Generator().manual_seed(0))
+        obj.loss(batch, torch.Generator().manual_seed(0))
+    lines = [r.getMessage() for r in caplog.records if "D=256" in r.getMessage()]
+    assert len(lines) == 1
+    want = "beta=19.5312 with sum" if name == "diffusion_dpo" else "kappa=3.90625"
+    assert want in lines[0], lines[0]

@@ -13,6 +13,7 @@ SD1.5 port's ``−logσ(2500·(ref_diff − model_diff))``. With summed errors (
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 import torch
@@ -20,8 +21,10 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from genalign.objectives.base import LossOutput, Objective, ObjectiveParams
-from genalign.pipelines.denoising import paired_denoising_losses
+from genalign.pipelines.denoising import convert_beta, paired_denoising_losses
 from genalign.registry import objectives as OBJECTIVES
+
+logger = logging.getLogger(__name__)
 
 
 def diffusion_dpo_loss(model_losses_w: torch.Tensor, model_losses_l: torch.Tensor, ref_losses_w: torch.Tensor,
@@ -77,6 +80,11 @@ class DiffusionDPO(Objective):
         # The reference pass runs first (no_grad, adapters off): peak memory is the policy's alone.
         fwd = paired_denoising_losses(self.model, batch["latents_w"], batch["latents_l"], batch["cond"], generator,
                                       reduction=c.reduction, with_reference=True)
+        if not getattr(self, "_beta_logged", False):  # once, when the latent size D is first known
+            self._beta_logged = True
+            d, other = int(batch["latents_w"][0].numel()), "sum" if c.reduction == "mean" else "mean"
+            logger.info("diffusion_dpo: beta=%g with %s reduction over D=%d elements = beta=%g with %s reduction",
+                        c.beta, c.reduction, d, convert_beta(c.beta, c.reduction, other, d), other)
         loss, metrics = diffusion_dpo_loss(fwd.losses_w, fwd.losses_l, fwd.ref_w, fwd.ref_l, beta=c.beta,
                                            half_factor=c.half_factor)
         return LossOutput(loss, metrics)

@@ -16,6 +16,7 @@ Paper-v2 option ([recon] reading of a garbled equation): φ_β(ℓ) = g(ℓ)^β,
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 import torch
@@ -23,8 +24,10 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from genalign.objectives.base import LossOutput, Objective, ObjectiveParams
-from genalign.pipelines.denoising import paired_denoising_losses
+from genalign.pipelines.denoising import convert_beta, paired_denoising_losses
 from genalign.registry import objectives as OBJECTIVES
+
+logger = logging.getLogger(__name__)
 
 
 def mapo_link(y: torch.Tensor, stable: bool = True) -> torch.Tensor:
@@ -102,6 +105,12 @@ class MaPO(Objective):
     def loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> LossOutput:
         c = self.config
         fwd = paired_denoising_losses(self.model, batch["latents_w"], batch["latents_l"], batch["cond"], generator)
+        if not getattr(self, "_scale_logged", False):  # once, when the latent size D is first known
+            self._scale_logged = True
+            d, kappa = int(batch["latents_w"][0].numel()), c.logit_scale or self.model.num_train_timesteps
+            logger.info("mapo: kappa=%g and s=%g on mean-reduced errors over D=%d elements = kappa=%g and s=%g on "
+                        "sum-reduced errors (genalign trains MaPO with mean reduction only)", kappa, c.snr_value, d,
+                        convert_beta(kappa, "mean", "sum", d), convert_beta(c.snr_value, "mean", "sum", d))
         loss, metrics = mapo_loss(fwd.losses_w, fwd.losses_l, beta=c.beta, snr_value=c.snr_value,
                                   num_train_timesteps=c.logit_scale or self.model.num_train_timesteps,
                                   formulation=c.formulation, paper_beta=c.paper_beta, stable=c.stable)
