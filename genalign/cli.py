@@ -396,6 +396,10 @@ def main(argv: list[str] | None = None) -> int:
         # OSError covers missing files, a refused export destination, a read-only or full disk: one line each.
         print(f"genalign {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which checkpoints): one line, no traceback
+        hint = " (cached pairs and the base reward are kept: --resume latest continues)" if args.command == "train" else ""
+        print(f"genalign {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -197,3 +197,14 @@ def test_fsdp_preset_that_runs_as_plain_multi_cpu_is_refused(monkeypatch):
         check_distributed_type(Acc())
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     check_distributed_type(Acc())
+
+
+def test_auto_mixed_precision_follows_the_accelerate_config(monkeypatch):
+    # Issue 17: `accelerate launch --config_file` with mixed_precision bf16 was ignored when the config said auto.
+    from genalign.training.launch import resolve_mixed_precision
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert resolve_mixed_precision("auto") == "bf16"
+    assert resolve_mixed_precision("no") == "no"  # an explicit genalign setting wins
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    assert resolve_mixed_precision("auto") == ("bf16" if torch.cuda.is_available() else "no")

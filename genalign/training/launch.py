@@ -76,3 +76,15 @@ def flatten_config(d: dict, prefix: str = "") -> dict:
         else:
             out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
     return out
+
+
+def resolve_mixed_precision(setting: str) -> str:
+    """The mixed precision a run uses: the config's value, or for ``auto`` the accelerate config's (``accelerate
+    launch --config_file`` exports it as ``ACCELERATE_MIXED_PRECISION``), else bf16 on a bf16-capable GPU, else no.
+    """
+    if setting != "auto":
+        return setting
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower()
+    if launched in ("no", "fp16", "bf16"):
+        return launched
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"

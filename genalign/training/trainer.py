@@ -32,7 +32,7 @@ from genalign.training import checkpoint as ckpt
 from genalign.training import run_folder
 from genalign.training.optim import make_lr_scheduler, make_optimizer
 from genalign.training.launch import (check_distributed_type, flatten_config, in_main_thread, mean_over_ranks,
-                                      resolve_num_threads, tracker_available)
+                                      resolve_mixed_precision, resolve_num_threads, tracker_available)
 from genalign.training.progress import RunLog, print_summary_table
 
 logger = logging.getLogger(__name__)
@@ -106,9 +106,7 @@ class DiffusionTrainer:
         self.resume_dir = self.pick_checkpoint()
         torch.set_num_threads(resolve_num_threads(tcfg.num_threads))
         self.trackers = [t for t in tcfg.trackers if tracker_available(t)]
-        mp = tcfg.mixed_precision
-        if mp == "auto":
-            mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        mp = resolve_mixed_precision(tcfg.mixed_precision)
         # cpu=True lets Accelerate run multi-process on CPU (gloo) under torchrun / accelerate launch.
         self.acc = acc = Accelerator(
             gradient_accumulation_steps=tcfg.gradient_accumulation_steps, mixed_precision=mp,
