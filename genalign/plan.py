@@ -213,8 +213,11 @@ def build_meta(comp: dict):
             return getattr(diffusers, comp["class"]).from_config(comp["config"])
         cfg = dict(comp["config"])
         cfg.pop("architectures", None)
-        config = transformers.AutoConfig.for_model(**cfg)
         cls = getattr(transformers, comp["class"])
+        if "model_type" in cfg:
+            config = transformers.AutoConfig.for_model(**cfg)
+        else:  # a config.json without model_type: the class's own config class
+            config = cls.config_class(**cfg)
         m = cls.from_config(config) if comp["class"].startswith("Auto") else cls(config)
         with contextlib.suppress(Exception):
             m.tie_weights()
@@ -524,7 +527,11 @@ def _plan_diffusion(cfg, p: Plan, online: bool, device: str, spec: dict | None =
     for name, c in comps.items():
         if name in (main, "scheduler", "unet" if pc.name == "controlnet" else "") or "scheduler" in name:
             continue
-        m = build_meta(c)
+        try:
+            m = build_meta(c)
+        except Exception as err:  # an unusual component: say it is not counted rather than fail the plan
+            p.notes.append(f"{name} ({c['class']}): not built on meta ({type(err).__name__}); not counted")
+            continue
         m.requires_grad_(False)
         p.components.append(Component(name, "frozen", m, *count_params(m)))
     extra_trainable = 0
@@ -589,6 +596,7 @@ def _plan_diffusion(cfg, p: Plan, online: bool, device: str, spec: dict | None =
         flops = 0.0
         mem["activations"] = 0.0
         p.notes.append(f"{main} ({comps[main]['class']}): activations and FLOPs not traced (UNet / LM only)")
+        p.shape = f"{rows} rows"
     if device == "cuda":
         mem["CUDA context + workspace"] = CUDA_CONTEXT
     accum = tcfg.gradient_accumulation_steps
