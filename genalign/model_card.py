@@ -122,7 +122,8 @@ def hyperparameters(cfg) -> list[tuple[str, str]]:
     lora = cfg.pipeline.lora
     rows += ([("LoRA rank / alpha", f"{lora.rank} / {lora.alpha or lora.rank}"),
               ("LoRA target modules", ", ".join(lora.target_modules))] if lora else [("LoRA", "none (full fine-tune)")])
-    rows += [("steps", t.steps), ("batch size x gradient accumulation", f"{t.batch_size} x {t.gradient_accumulation_steps}"),
+    rows += [("steps", t.steps),
+             ("batch size x gradient accumulation", f"{t.batch_size} x {t.gradient_accumulation_steps}"),
              ("learning rate", t.learning_rate), ("LR schedule", t.lr_scheduler),
              ("optimizer", getattr(t, "optimizer", "adamw")), ("mixed precision", t.mixed_precision),
              ("seed", cfg.seed)]
@@ -163,7 +164,8 @@ def model_card(cfg, summary: dict | None = None, location: str | None = None) ->
         data, template_path=str(TEMPLATES / "model_card.md.j2"),
         title=f"{name} on {model}", base_description=f"The base model {base_desc}", objective=name,
         lora=cfg.pipeline.lora, snippet=loading_snippet(cfg, location), rewards=rewards,
-        heldout_prompts=(summary or {}).get("heldout_prompts"), samples_per_prompt=(summary or {}).get("samples_per_prompt"),
+        heldout_prompts=(summary or {}).get("heldout_prompts"),
+        samples_per_prompt=(summary or {}).get("samples_per_prompt"),
         hyperparameters=hyperparameters(cfg), data=_cell(cfg.data.source.model_dump()),
         license_note=None if lic else "License: that of the base model (not known to genalign).")
     return str(card)

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from genalign.registry import Entry, Registry, module_exists, objectives, pipelines, rewards
+from genalign.registry import Entry, Registry, module_exists, objectives
 
 
 def _fresh(reg: Registry) -> Registry:
@@ -178,7 +178,8 @@ def test_offline_hub_id_fails_at_once_with_one_line(monkeypatch, tmp_path, env):
     msg = str(e.value)
     assert "\n" not in msg and dt < 10, (dt, msg)
     assert msg.startswith("pipeline.model: 'no-such-org/no-such-model' is not a local Diffusers folder")
-    assert ("HF_HUB_OFFLINE is set" if "HF_HUB_OFFLINE" in env else "no network: cannot reach no-such-host.invalid:443") in msg
+    reason = "HF_HUB_OFFLINE is set" if "HF_HUB_OFFLINE" in env else "no network: cannot reach no-such-host.invalid:443"
+    assert reason in msg
     assert "hf download no-such-org/no-such-model --local-dir DIR" in msg and "set pipeline.model: DIR" in msg
 
 

@@ -223,7 +223,8 @@ def test_report_reads_kept_samples_and_never_draws(tmp_path, monkeypatch):
     doc = _parse(out)
     text = "".join(doc.text)
     imgs = [a for t, a in doc.tags if t == "img" and "sample" in a.get("class", "")]
-    assert len([a for a in imgs if "base" in a["class"]]) == 6 and len([a for a in imgs if "trained" in a["class"]]) == 6
+    assert len([a for a in imgs if "base" in a["class"]]) == 6
+    assert len([a for a in imgs if "trained" in a["class"]]) == 6
     # side by side: one column per seed, base row then trained row, the same seed in each column
     page = out.read_text()
     block = page[page.index('id="prompt-0"'):page.index('id="prompt-1"')]
@@ -271,7 +272,8 @@ def test_audio_run_gets_players(tmp_path):
     run = _kept_run(tmp_path, audio=True)
     doc = _parse(write_report(run))
     players = [a for t, a in doc.tags if t == "audio"]
-    assert len(players) == 12 and all("controls" in a and a["src"].startswith("data:audio/wav;base64,") for a in players)
+    assert len(players) == 12
+    assert all("controls" in a and a["src"].startswith("data:audio/wav;base64,") for a in players)
     assert not [a for t, a in doc.tags if t == "img" and "sample" in a.get("class", "")]
 
 
@@ -298,7 +300,8 @@ def test_report_screenshot_shows_the_side_by_side_section(tmp_path):
     page = write_report(_kept_run(tmp_path))
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1600"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1280,1600"):
         opts.add_argument(arg)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     try:
@@ -328,3 +331,27 @@ def test_report_screenshot_shows_the_side_by_side_section(tmp_path):
         assert any(c[1][2] == 255 and c[1][0] > 100 and c[1][1] == 0 for c in colours)  # a trained sample's pixels
     finally:
         driver.quit()
+
+
+def test_old_run_without_kept_samples_draws_once_then_reuses(tmp_path):
+    """A run made before training kept its samples: the report draws them once (base model and export, same
+    seeds), scores them with the run's rewards, and a second report reuses the drawing."""
+    from genalign.config import load_config, save_config
+    from genalign.pipelines.tiny import tiny_sd_pipeline
+
+    run = tmp_path / "old"
+    run.mkdir()
+    cfg = load_config(None, ["pipeline.model=tiny:sd", "validation.max_prompts=1", "validation.samples_per_prompt=2",
+                             "validation.num_inference_steps=2", "rewards=[{name: ink_mass}]"])
+    save_config(cfg, run / "config.yaml")
+    tiny_sd_pipeline(seed=1).save_pretrained(run / "export")
+    page = write_report(run).read_text()
+    assert "samples drawn for this report" in page
+    doc = _parse(run / "report.html")
+    imgs = [a for t, a in doc.tags if t == "img" and "sample" in a.get("class", "")]
+    assert len([a for a in imgs if "base" in a["class"]]) == len([a for a in imgs if "trained" in a["class"]]) == 2
+    assert "ink_mass 0." in "".join(doc.text)
+    drawn = run / "samples" / "heldout-trained" / "generation.json"
+    stamp = drawn.stat().st_mtime_ns
+    write_report(run)
+    assert drawn.stat().st_mtime_ns == stamp  # reused, not drawn again
