@@ -208,3 +208,14 @@ def test_auto_mixed_precision_follows_the_accelerate_config(monkeypatch):
     assert resolve_mixed_precision("no") == "no"  # an explicit genalign setting wins
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
     assert resolve_mixed_precision("auto") == ("bf16" if torch.cuda.is_available() else "no")
+
+
+def test_push_to_hub_offline_fails_before_training(tmp_path, monkeypatch):
+    # Issue 17: export.push_to_hub with no network must fail at once, not after the run.
+    from genalign.model_card import HubPushError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = _cfg("train.steps=1", "export.push_to_hub=true", "export.hub_model_id=me/digits-mapo")
+    with pytest.raises(HubPushError):
+        train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "reward_before.json").exists()  # nothing long ran

@@ -27,6 +27,7 @@ from genalign.config import RunConfig, save_config
 from genalign.data.batches import micro_batch_indices, row_offset
 from genalign.data.prompts import load_prompts
 from genalign.evaluation.validation import evaluate_rewards
+from genalign.model_card import check_push_to_hub
 from genalign.objectives.base import TrainContext
 from genalign.training import checkpoint as ckpt
 from genalign.training import run_folder
@@ -104,6 +105,7 @@ class DiffusionTrainer:
         run_folder.prepare_run_folder(self.run_dir, self.resume_from, self.overwrite, main_process=main)
         self.lock = run_folder.lock_run_folder(self.run_dir) if main else None
         self.resume_dir = self.pick_checkpoint()
+        check_push_to_hub(cfg)  # export.push_to_hub offline / without a token fails now, not after training
         torch.set_num_threads(resolve_num_threads(tcfg.num_threads))
         self.trackers = [t for t in tcfg.trackers if tracker_available(t)]
         mp = resolve_mixed_precision(tcfg.mixed_precision)
