@@ -5,7 +5,8 @@ Usage::
     OMP_NUM_THREADS=1 python scripts/build_music.py [--stages corpus,classifier,clap,base,stats,eval,clips]
         [--per-style 40] [--cache runs/music/corpus.pt] [--wav-dir runs/music/base_samples]
 
-Needs ``pip install -e ".[music]"`` (music21). Writes into ``genalign/assets/music/``:
+Needs ``pip install -e ".[music]"`` (music21). The defaults are the settings of the shipped assets (each stage seeds
+itself, so a stage run alone reproduces its files bit for bit). Writes into ``genalign/assets/music/``:
 ``classifier.safetensors`` (music_key / music_style), ``clap/`` (tiny ClapModel folder), ``base/`` (the
 ``builtin:music`` Diffusers folder + its ``build_report.json``), ``heldout_stats_classifier.safetensors`` (Gaussian
 of the classifier features of the held-out real clips, for FAD), ``prompts_train.txt`` / ``prompts_heldout.txt``
@@ -197,12 +198,12 @@ def main() -> None:
     ap.add_argument("--per-style", type=int, default=40)
     ap.add_argument("--cache", default=None, help="cache file for the rendered corpus (reused when present)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--clf-epochs", type=int, default=15)
-    ap.add_argument("--clap-steps", type=int, default=200)
+    ap.add_argument("--clf-epochs", type=int, default=20)
+    ap.add_argument("--clap-steps", type=int, default=500)
     ap.add_argument("--clap-batch", type=int, default=24)
-    ap.add_argument("--vae-steps", type=int, default=300)
-    ap.add_argument("--dit-steps", type=int, default=600)
-    ap.add_argument("--dit-batch", type=int, default=24)
+    ap.add_argument("--vae-steps", type=int, default=200)
+    ap.add_argument("--dit-steps", type=int, default=400)
+    ap.add_argument("--dit-batch", type=int, default=16)
     ap.add_argument("--eval-clips", type=int, default=96)
     ap.add_argument("--wav-dir", default=None, help="write a few base / real WAV files here (listening samples)")
     ap.add_argument("--clips-dir", default="runs/music/train_clips", help="stage clips: where the train WAVs go")
