@@ -18,13 +18,19 @@ class OverrideError(ValueError):
     """A malformed ``--set`` item; the message is one line starting with ``--set ITEM:``."""
 
 
+
+def shown(item: str) -> str:
+    """An override as it is echoed in an error: escaped when it holds a newline or control character (one line)."""
+    return item if item.isprintable() else repr(item)
+
+
 def override_source(key: str, source: str, overrides: list[str] | None) -> str:
     """``--set ITEM`` when the failing ``key`` (or a section above / a key below it) was overridden on the command
     line, else ``source`` (the config file's name). The last matching override wins, as it is the one applied."""
     for item in reversed(overrides or []):
         k = item.partition("=")[0].strip()
         if key == k or key.startswith(k + ".") or k.startswith(key + "."):
-            return f"--set {item}"
+            return f"--set {shown(item)}"
     return source
 
 
@@ -51,17 +57,17 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         OverrideError: no ``=`` in ``item``, an empty key part, or a value that is not valid YAML.
     """
     if "=" not in item:
-        raise OverrideError(f"--set {item}: expected key.sub=value")
+        raise OverrideError(f"--set {shown(item)}: expected key.sub=value")
     key, _, value = item.partition("=")
     path = key.strip().split(".")
     if not all(p.strip() for p in path):
-        raise OverrideError(f"--set {item}: empty part in the key {key.strip()!r} (expected key.sub=value)")
+        raise OverrideError(f"--set {shown(item)}: empty part in the key {key.strip()!r} (expected key.sub=value)")
     try:
         parsed = safe_user_yaml(value) if value.strip() else None
     except yaml.YAMLError as err:
-        raise OverrideError(f"--set {item}: the value is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise OverrideError(f"--set {shown(item)}: the value is not valid YAML: {str(err).splitlines()[0]}") from None
     except ValueError as err:
-        raise OverrideError(f"--set {item}: {err}") from None
+        raise OverrideError(f"--set {shown(item)}: {err}") from None
     return [p.strip() for p in path], parsed
 
 
@@ -88,19 +94,19 @@ def apply_overrides(raw: dict, overrides: list[str] | None,
             last, above, here = depth == len(path) - 1, ".".join(path[:depth]), ".".join(path[:depth + 1])
             if isinstance(node, list):
                 if not _is_index(p):
-                    raise OverrideError(f"--set {item}: {above or '(root)'} is a list; address an element by its "
+                    raise OverrideError(f"--set {shown(item)}: {above or '(root)'} is a list; address an element by its "
                                         f"index, e.g. {'.'.join(path[:depth] + ['0'] + path[depth:])}")
                 i = int(p)
                 if not -len(node) <= i < len(node):
-                    raise OverrideError(f"--set {item}: {above} has {len(node)} element(s); index {i} is out of range")
+                    raise OverrideError(f"--set {shown(item)}: {above} has {len(node)} element(s); index {i} is out of range")
                 if not last and not isinstance(node[i], (dict, list)):
-                    raise OverrideError(f"--set {item}: {here} is the value {node[i]!r}, not a section")
+                    raise OverrideError(f"--set {shown(item)}: {here} is the value {node[i]!r}, not a section")
                 if last:
                     node[i] = value
                 node = node[i]
                 continue
             if not isinstance(node, dict):
-                raise OverrideError(f"--set {item}: {above} is the value {node!r}, not a section")
+                raise OverrideError(f"--set {shown(item)}: {above} is the value {node!r}, not a section")
             if last:
                 node[p] = value
                 break
@@ -110,7 +116,7 @@ def apply_overrides(raw: dict, overrides: list[str] | None,
                 node[p] = copy.deepcopy(default) if isinstance(default, list) else {}
             elif not isinstance(node[p], (dict, list)):
                 if _is_index(path[depth + 1]):
-                    raise OverrideError(f"--set {item}: {here} is the value {node[p]!r}, not a list")
+                    raise OverrideError(f"--set {shown(item)}: {here} is the value {node[p]!r}, not a list")
                 node[p] = {}  # e.g. a string shorthand replaced by a section: pydantic names what is wrong
             node = node[p]
     return raw

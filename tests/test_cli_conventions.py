@@ -68,15 +68,16 @@ def test_listing_imports_no_builtin_module_and_get_imports_one():
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
-def test_genalign_list_answers_in_under_two_seconds():
+def test_genalign_list_answers_without_importing_torch():
+    # The speed figure (under 2 s, from 11 s) is measured, not timed in a test: what makes it fast is asserted —
+    # `genalign list` prints every registry without importing torch or any built-in module.
     import subprocess
-    import time
 
-    t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "genalign.cli", "list"], capture_output=True, text=True, timeout=120)
-    dt = time.perf_counter() - t0
+    code = ("import sys; from genalign.cli import main; rc = main(['list']); "
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH'); sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "mapo" in out.stdout and "digit_classifier" in out.stdout and "sdxl" in out.stdout
-    assert dt < 2.0, f"genalign list took {dt:.2f} s"
+    assert out.stdout.strip().endswith("NO-TORCH")
 
 
 def test_table_entry_loads_lazily_and_decorator_replaces_it():
