@@ -35,18 +35,34 @@ def override_source(key: str, source: str, overrides: list[str] | None) -> str:
 
 
 def safe_user_yaml(text: str) -> Any:
-    """``yaml.safe_load`` that refuses anchors and aliases (``&a`` / ``*a``).
+    """``yaml.safe_load`` that refuses anchors and aliases (``&a`` / ``*a``) and keys written twice in one section.
 
     Six lines of nested aliases expand to gigabytes (a "billion laughs" document) once validated or saved; run
     configs never need them, so they are refused before anything is built.
 
     Raises:
-        yaml.YAMLError: not valid YAML. ValueError: the text uses an alias.
+        yaml.YAMLError: not valid YAML. ValueError: the text uses an alias or repeats a key.
     """
     for event in yaml.parse(text, Loader=yaml.SafeLoader):
         if isinstance(event, yaml.AliasEvent):
             raise ValueError(f"YAML alias *{event.anchor} is not allowed in genalign configs (write the value out)")
+    _refuse_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader))
     return yaml.safe_load(text)
+
+
+def _refuse_duplicate_keys(node, path: str = "") -> None:
+    """A key written twice in one mapping would silently keep the last value: refuse it, naming the key."""
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for key, value in node.value:
+            name = f"{path}.{key.value}" if path else str(key.value)
+            if key.value in seen:
+                raise ValueError(f"{name}: the key appears twice in one section (line {key.start_mark.line + 1})")
+            seen.add(key.value)
+            _refuse_duplicate_keys(value, name)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicate_keys(item, f"{path}.{i}")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -122,3 +122,11 @@ def test_bad_overrides_are_one_line(override):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert "\n" not in str(err.value) and "--set" in str(err.value)
+
+
+def test_a_key_written_twice_is_refused_naming_it(tmp_path):
+    # PyYAML keeps the last of two equal keys silently; a config that says `steps` twice is almost always a mistake.
+    p = tmp_path / "twice.yaml"
+    p.write_text("train:\n  steps: 5\n  batch_size: 2\n  steps: 7\n")
+    with pytest.raises(ConfigError, match=r"train\.steps: the key appears twice.*line 4"):
+        load_config(p)
