@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import json
 import logging
 import os
 from collections import Counter
@@ -27,8 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from genalign.config import ConfigError
 from genalign.data.segments import segment_ids_from_diff, segment_ids_from_tags, tag_token_variants
+from genalign.data.jsonl import read_checked_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -166,38 +165,26 @@ def read_preference_jsonl(path: str, counts: Counter | None = None) -> list[dict
     Raises:
         ConfigError: the file does not exist or cannot be read (one line naming it).
     """
-    aliases = {"media_path": "video", "question": "prompt", "answer": "chosen", "pred": "rejected"}
     counts = counts if counts is not None else Counter()
-    rows = []
-    try:
-        f = open(path)
-    except OSError as err:
-        raise ConfigError(f"data: {path}: cannot read ({err.strerror or err})") from None
-    with f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                reason = "not_json"
-            else:
-                reason = None if isinstance(row, dict) else "not_an_object"
-            if reason is None:
-                for a, b in aliases.items():
-                    if a in row and b not in row:
-                        row[b] = row.pop(a)
-                missing = {"prompt", "video", "chosen", "rejected"} - set(row)
-                if missing:
-                    reason = "missing_" + "_".join(sorted(missing))
-                elif not all(isinstance(row[k], str) for k in ("prompt", "video", "chosen", "rejected")):
-                    reason = "non_string_field"
-            if reason is not None:
-                counts[f"bad_rows/{reason}"] += 1
-                logger.warning("%s:%d: skipped (%s)", path, n, reason)
-                continue
-            rows.append(row)
-    return rows
+    return read_checked_jsonl(path, _video_row_problem, counts)
+
+
+_ALIASES = {"media_path": "video", "question": "prompt", "answer": "chosen", "pred": "rejected"}
+
+
+def _video_row_problem(row) -> str | None:
+    """Why a video preference row is unusable (None if usable); renames the official loader's aliases in place."""
+    if not isinstance(row, dict):
+        return "not_an_object"
+    for a, b in _ALIASES.items():
+        if a in row and b not in row:
+            row[b] = row.pop(a)
+    missing = {"prompt", "video", "chosen", "rejected"} - set(row)
+    if missing:
+        return "missing_" + "_".join(sorted(missing))
+    if not all(isinstance(row[k], str) for k in ("prompt", "video", "chosen", "rejected")):
+        return "non_string_field"
+    return None
 
 
 def filter_readable(rows: list[dict], num_frames: int = 1, video_root: str | None = None) -> tuple[list[dict], int]:

@@ -34,6 +34,7 @@ from genalign.training.lm.model import build_bundle, peft_and_reference
 from genalign.training.lm.synthetic import make_arithmetic_preference_rows
 from genalign.training.lm.trainers import PreferenceTrainer
 from genalign.training.trainer import NonFiniteLossError
+from genalign.data.jsonl import read_checked_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -90,27 +91,7 @@ def _text_row_problem(row) -> str | None:
 
 def _read_jsonl(path: str, counts: Counter) -> list[dict]:
     """Rows of a text preference jsonl; malformed rows are skipped and counted (``bad_rows/<reason>``)."""
-    rows = []
-    try:
-        f = open(path)
-    except OSError as err:
-        raise ConfigError(f"data: {path}: cannot read ({err.strerror or err})") from None
-    with f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                row, why = None, "not_json"
-            else:
-                why = _text_row_problem(row)
-            if why:
-                counts[f"bad_rows/{why}"] += 1
-                logger.warning("%s:%d: skipped (%s)", path, n, why)
-                continue
-            rows.append(row)
-    return rows
+    return read_checked_jsonl(path, _text_row_problem, counts)
 
 
 def load_rows(cfg: LMRunConfig, tagged: bool = False, counts: Counter | None = None

@@ -1,0 +1,44 @@
+"""Reading a jsonl file of rows where a bad row is a counted skip, never a crash (text and video preference data)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from typing import Any, Callable
+
+from genalign.config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def read_checked_jsonl(path: str, problem: Callable[[Any], str | None], counts: Counter) -> list[dict]:
+    """The rows of ``path`` that ``problem(row)`` accepts (returns None; it may normalise the row in place).
+
+    Lines that are not JSON count as ``bad_rows/not_json``; rows ``problem`` rejects count as
+    ``bad_rows/<reason>``; each skip is logged with its line number. Blank lines are ignored.
+
+    Raises:
+        ConfigError: the file cannot be read (one line naming it).
+    """
+    rows = []
+    try:
+        f = open(path)
+    except OSError as err:
+        raise ConfigError(f"data: {path}: cannot read ({err.strerror or err})") from None
+    with f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row, why = None, "not_json"
+            else:
+                why = problem(row)
+            if why:
+                counts[f"bad_rows/{why}"] += 1
+                logger.warning("%s:%d: skipped (%s)", path, n, why)
+                continue
+            rows.append(row)
+    return rows
