@@ -219,3 +219,15 @@ def test_push_to_hub_offline_fails_before_training(tmp_path, monkeypatch):
     with pytest.raises(HubPushError):
         train(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "reward_before.json").exists()  # nothing long ran
+
+
+def test_a_reward_kwargs_typo_and_an_empty_prompt_file_are_config_errors(tmp_path):
+    # Issue 15 item 13: both gave tracebacks (TypeError in the reward's constructor, ValueError from the prompts).
+    from genalign.config import ConfigError
+
+    with pytest.raises(ConfigError, match="rewards: .*bogus"):
+        train(_cfg("train.steps=1", "rewards.0.kwargs={bogus: 1}"), tmp_path / "a", progress=False)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    with pytest.raises(ConfigError, match="validation.prompts: .*empty"):
+        train(_cfg("train.steps=1", f"validation.prompts={empty}"), tmp_path / "b", progress=False)

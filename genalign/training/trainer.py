@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from genalign.config import RunConfig, save_config
+from genalign.config import ConfigError, RunConfig, save_config
 from genalign.data.batches import micro_batch_indices, row_offset
 from genalign.data.prompts import load_prompts
 from genalign.evaluation.validation import evaluate_rewards
@@ -49,7 +49,10 @@ def build_rewards(items, device):
     normalisation per member; every member also scored on its own)."""
     from genalign.rewards.composite import CompositeReward
 
-    return CompositeReward.from_specs([it.model_dump() for it in items], device=device).eval()
+    try:
+        return CompositeReward.from_specs([it.model_dump() for it in items], device=device).eval()
+    except TypeError as err:  # a kwargs typo reaches the reward's constructor: name the config key, one line
+        raise ConfigError(f"rewards: {err} (check rewards.N.kwargs against the reward's arguments)") from None
 
 
 class _StopFlag:
@@ -106,6 +109,10 @@ class DiffusionTrainer:
         self.lock = run_folder.lock_run_folder(self.run_dir) if main else None
         self.resume_dir = self.pick_checkpoint()
         check_push_to_hub(cfg)  # export.push_to_hub offline / without a token fails now, not after training
+        try:
+            self.val_prompts = load_prompts(cfg.validation.prompts, cfg.validation.max_prompts)
+        except (ValueError, OSError) as err:
+            raise ConfigError(f"validation.prompts: {err}") from None
         torch.set_num_threads(resolve_num_threads(tcfg.num_threads))
         self.trackers = [t for t in tcfg.trackers if tracker_available(t)]
         mp = resolve_mixed_precision(tcfg.mixed_precision)
@@ -129,7 +136,6 @@ class DiffusionTrainer:
                                                                       weight_dtype=weight_dtype)
             self.objective = objectives.get(cfg.objective.name)(cfg.objective_params(), self.model)
             self.rewards = build_rewards(cfg.rewards, acc.device)
-        self.val_prompts = load_prompts(cfg.validation.prompts, cfg.validation.max_prompts)
 
     def evaluate(self, name: str, save_as: str | None = None, periodic: bool = False) -> dict[str, float]:
         """Held-out mean rewards (:func:`~genalign.evaluation.validation.evaluate_rewards`) with progress;
