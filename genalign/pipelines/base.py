@@ -370,12 +370,16 @@ class DiffusionAdapter:
         """Generate images ``(N, 3, H, W)`` in [0, 1] with the pipeline's own sampler (eval mode, no grad)."""
         was_training = self.unet.training
         self.unet.eval()
+        # Half-precision frozen parts beside the fp32 VAE (and fp32 LoRA / trained UNet): autocast runs the mixed
+        # pipeline as training does; without it the bf16 latents reach the fp32 VAE and the decode fails.
+        half = self.weight_dtype in (torch.float16, torch.bfloat16)
         try:
             out = []
             for i in range(0, len(prompts), batch_size):
-                imgs = self.pipe(prompts[i:i + batch_size], num_inference_steps=num_inference_steps,
-                                 guidance_scale=guidance_scale, generator=generator, output_type="pt",
-                                 height=self.resolution, width=self.resolution, **kwargs).images
+                with torch.autocast(self.device.type, dtype=self.weight_dtype, enabled=half):
+                    imgs = self.pipe(prompts[i:i + batch_size], num_inference_steps=num_inference_steps,
+                                     guidance_scale=guidance_scale, generator=generator, output_type="pt",
+                                     height=self.resolution, width=self.resolution, **kwargs).images
                 out.append(imgs.float().cpu())
             return torch.cat(out)
         finally:
