@@ -231,3 +231,20 @@ def test_a_reward_kwargs_typo_and_an_empty_prompt_file_are_config_errors(tmp_pat
     empty.write_text("\n")
     with pytest.raises(ConfigError, match="validation.prompts: .*empty"):
         train(_cfg("train.steps=1", f"validation.prompts={empty}"), tmp_path / "b", progress=False)
+
+
+def test_validation_images_reach_tensorboard(tmp_path):
+    # Issue 17: validation images go to the trackers during training (a grid per periodic validation).
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = _cfg("train.steps=2", "validation.every=1", "train.trackers=[tensorboard]", "export.enabled=false")
+    train(cfg, tmp_path / "run", progress=False)
+    events = list((tmp_path / "run" / "logs").rglob("events.out.tfevents.*"))
+    assert events
+    tags = set()
+    for e in events:
+        acc = EventAccumulator(str(e))
+        acc.Reload()
+        tags |= set(acc.Tags().get("images", []))
+    assert "val/samples" in tags

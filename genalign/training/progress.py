@@ -122,3 +122,25 @@ def print_summary_table(summary: dict, run_dir: Path) -> None:
     written = [p for p in ("summary.json", "report.html", "export", "logs/metrics.jsonl", "samples")
                if (run_dir / p).exists()]
     console.print("wrote: " + ", ".join(str(run_dir / p) for p in written))
+
+
+def log_validation_images(acc, trackers: list[str], folder: Path, step: int, max_images: int = 16) -> None:
+    """Send a grid of the first ``max_images`` validation images kept in ``folder`` to the Accelerate trackers
+    (TensorBoard ``add_image``, W&B ``wandb.Image``); audio runs and empty folders send nothing.
+
+    Source: torchvision ``make_grid``; Accelerate ``get_tracker``.
+    """
+    import torch
+    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.utils import make_grid
+
+    files = sorted(Path(folder).glob("sample_*.png"))[:max_images]
+    if not files:
+        return
+    grid = make_grid(torch.stack([decode_image(str(f), mode=ImageReadMode.RGB) for f in files]), nrow=8)
+    if "tensorboard" in trackers:
+        acc.get_tracker("tensorboard", unwrap=True).add_image("val/samples", grid, step)
+    if "wandb" in trackers:
+        import wandb
+
+        acc.get_tracker("wandb", unwrap=True).log({"val/samples": wandb.Image(grid.permute(1, 2, 0).numpy())}, step=step)

@@ -34,7 +34,7 @@ from genalign.training import run_folder
 from genalign.training.optim import make_lr_scheduler, make_optimizer
 from genalign.training.launch import (check_distributed_type, flatten_config, in_main_thread, mean_over_ranks,
                                       resolve_mixed_precision, resolve_num_threads, tracker_available)
-from genalign.training.progress import RunLog, print_summary_table
+from genalign.training.progress import RunLog, log_validation_images, print_summary_table
 
 logger = logging.getLogger(__name__)
 
@@ -347,7 +347,8 @@ class DiffusionTrainer:
                 acc.log(self.last_metrics, step=self.step)
         every = self.cfg.validation.every
         if every and self.step % every == 0 and self.step < tcfg.steps:
-            val = self.evaluate(f"validate step {self.step}", periodic=True)
+            save_as = f"validation/step_{self.step:06d}" if self.trackers else None
+            val = self.evaluate(f"validate step {self.step}", save_as=save_as, periodic=True)
             val_metrics = {f"val/reward/{k}": v for k, v in val.items()}
             self.history.append({"step": self.step, **val_metrics})
             logger.info("validation step %d %s", self.step, val)
@@ -355,6 +356,8 @@ class DiffusionTrainer:
                 self.log.metrics(self.step, val_metrics)
             if self.trackers:
                 acc.log(val_metrics, step=self.step)
+                if acc.is_main_process:
+                    log_validation_images(acc, self.trackers, self.run_dir / "samples" / save_as, self.step)
 
     # -- the run --------------------------------------------------------------------------------------------
     def run(self) -> dict:
