@@ -44,7 +44,20 @@ def test_lora_export_under_bf16_keeps_the_delta_and_the_sample(tmp_path, model, 
     assert float((x_mem - x_exp.float()).abs().max()) < 0.05
 
 
-def test_mapo_lora_trains_and_evaluates_under_bf16(tmp_path):
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps one process-wide state: a bf16 run after fp32 runs in one pytest process needs it reset
+    (as accelerate's own tests and tests/test_few_step_bf16_training.py do)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def test_mapo_lora_trains_and_evaluates_under_bf16(tmp_path, fresh_accelerate_state):
     # Held-out evaluation sampled bf16 latents into the fp32 VAE and crashed before training under bf16.
     from genalign.training.trainer import train
 
