@@ -128,7 +128,9 @@ def test_ddo_round_switch_replaces_the_reference(sd, tmp_path):
         with sd.reference() as r:
             ref_after = sd.predict(x_t, t, cond, unet=r)
         policy_after = sd.predict(x_t, t, cond)
-    assert torch.allclose(ref_after, trained, atol=1e-5)  # new reference = the round's checkpoint
+    # new reference = the round's checkpoint (folded weights vs the LoRA path: fp32 rounding differs with the
+    # thread count, up to ~2e-5 here; the old reference is 1e-3 away)
+    assert torch.allclose(ref_after, trained, atol=1e-4)
     assert not torch.allclose(ref_after, ref_before, atol=1e-3)
     assert torch.allclose(policy_after, ref_after, atol=1e-6)  # and it is the new initialisation
     assert not torch.allclose(policy_before, policy_after, atol=1e-3)
