@@ -65,12 +65,20 @@ class TokenForward:
     inputs: dict[str, Any]
 
     def token_logps(self) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
-        """``(policy [2B, T], reference [2B, T] or None, precomputed reference sums ([B], [B]) or None)``."""
-        raise NotImplementedError
+        """``(policy [2B, T], reference [2B, T] or None, precomputed reference sums ([B], [B]) or None)``.
+
+        Raises:
+            NotImplementedError: this base declares the interface; the TRL trainer passes an implementation.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement token_logps (the trainer's view)")
 
     def token_logps_and_kl(self, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(policy [2B, T], reference [2B, T], KL(π_ref‖π_θ) [B, T] on the chosen half)`` in one chunked pass."""
-        raise NotImplementedError
+        """``(policy [2B, T], reference [2B, T], KL(π_ref‖π_θ) [B, T] on the chosen half)`` in one chunked pass.
+
+        Raises:
+            NotImplementedError: this base declares the interface; the TRL trainer passes an implementation.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement token_logps_and_kl (the trainer's view)")
 
     def field(self, name: str) -> torch.Tensor:
         """A per-token side-information tensor of the batch, shifted like the log-probs: ``[2B, T]``.

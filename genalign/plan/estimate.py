@@ -34,6 +34,10 @@ from genalign.plan.trace import diffusion_inputs, meta_tensor, scaled_trace
 from genalign.plan.checks import check_data_rows, check_lm_data, print_plan, sequence_checks
 
 
+
+class _NotTraced(Exception):
+    """Raised inside the LM plan to take the logits-only estimate when tracing is switched off."""
+
 def _weights_bytes(module, frozen_bytes: int) -> tuple[float, float]:
     """(frozen bytes at the weight dtype, trainable params) of ``module``."""
     frozen = trainable = 0
@@ -262,8 +266,8 @@ def _plan_lm(cfg, p: Plan, online: bool, device: str, spec: dict | None = None) 
         return out.logits.float().log_softmax(-1)[..., 0].sum()
 
     try:
-        if not p.trace:
-            raise NotImplementedError("trace=False")
+        if not p.trace:  # --no-trace: the logits-only estimate below, said as such
+            raise _NotTraced
         if hasattr(m, "language_model") or hasattr(getattr(m, "model", None), "language_model"):
             # Video-LMs: trace the language model on embeddings (the vision tower runs on frames, not traced).
             lm = m.model.language_model if hasattr(m.model, "language_model") else m.language_model
@@ -277,9 +281,10 @@ def _plan_lm(cfg, p: Plan, online: bool, device: str, spec: dict | None = None) 
             p.notes.append("video-LM: vision tower activations not traced (language model + LM head only)")
         act, flops = scaled_trace(lm, make_inputs, loss_fn, dtype, tcfg.gradient_checkpointing, rows, L, 128,
                                   quadratic=False)
-    except Exception as err:  # an architecture the meta trace cannot run: say so, use logits only
+    except Exception as err:  # --no-trace, or an architecture the meta trace cannot run: use logits only
         act, flops = rows * L * vocab * 4 * 2, 6.0 * total * rows * L
-        p.notes.append(f"LM trace failed ({type(err).__name__}); activations = logits only, FLOPs = 6·N·tokens")
+        why = "not traced (--no-trace)" if isinstance(err, _NotTraced) else f"LM trace failed ({type(err).__name__})"
+        p.notes.append(f"{why}; activations = logits only, FLOPs = 6·N·tokens")
     mem["activations (traced)"] = float(act)
     mem["reference logits (transient)"] = float(rows * L * vocab * 4)
     flops += flops / (2 if pc.lora is not None else 3)  # the reference forward (every LM objective here has one)
