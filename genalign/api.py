@@ -40,7 +40,8 @@ def train(cfg: RunConfig | LMRunConfig, run_dir, resume: str | None = None, prog
           overwrite: bool = False) -> dict:
     """Train from a validated config; the pipeline family picks the trainer.
 
-    ``pipeline.name: language | video_language`` → the TRL trainer (:func:`genalign.training.lm.train_lm`);
+    First the pre-load checks of ``genalign plan`` (:func:`genalign.plan.preflight.preflight`; off with
+    ``train.preflight: false``). Then ``pipeline.name: language | video_language`` → the TRL trainer (:func:`genalign.training.lm.train_lm`);
     anything else → the diffusion Accelerate loop (:func:`genalign.training.trainer.train`). Both write the same
     run folder: ``config.yaml``, ``checkpoints/`` (atomic), ``summary.json``, ``export/``.
 
@@ -56,7 +57,13 @@ def train(cfg: RunConfig | LMRunConfig, run_dir, resume: str | None = None, prog
     Raises:
         genalign.training.run_folder.RunFolderError: a non-empty folder without ``resume`` / ``overwrite``, a locked
             folder, or a resume whose config changes the run.
+        genalign.plan.preflight.PreflightError: ``train.preflight`` found data that would not load, a video cut by
+            ``max_length`` or parameters that do not fit the GPU — before any weight is loaded.
     """
+    if cfg.train.preflight:
+        from genalign.plan.preflight import preflight
+
+        preflight(cfg, label="config")
     if isinstance(cfg, LMRunConfig):
         from genalign.training.lm import train_lm  # TRL is an optional dependency ([lm] extra)
 

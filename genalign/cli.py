@@ -383,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     _quiet_libraries()
     from genalign.config import ConfigError
+    from genalign.plan.models import PlanError
     from genalign.rewards.base import WeightsNotFoundError
     from genalign.rewards.composite import RewardError
     from genalign.training.trainer import NonFiniteLossError
@@ -392,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                 "plan": _cmd_plan, "list": _cmd_list}
     try:
         return handlers[args.command](args)
-    except (ConfigError, WeightsNotFoundError, RewardError, NonFiniteLossError, OSError) as err:
+    except (ConfigError, PlanError, WeightsNotFoundError, RewardError, NonFiniteLossError, OSError) as err:
         # OSError covers missing files, a refused export destination, a read-only or full disk: one line each.
         print(f"genalign {args.command}: error: {err}", file=sys.stderr)
         return 2

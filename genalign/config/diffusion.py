@@ -145,6 +145,8 @@ class TrainConfig(Strict):
     checkpoints_total_limit: Int | None = Field(2, ge=1)
     log_every: Int = Field(10, ge=1)
     on_nan: Literal["halt", "skip"] = "halt"
+    preflight: bool = Field(True, description="run genalign plan's data / sequence / GPU-memory checks before "
+                            "loading weights (genalign.plan.preflight)")
     trackers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
     num_threads: Int | None = Field(None, ge=1, description="torch CPU threads; None = OMP_NUM_THREADS if set, "
                                     "else the cores in this process's affinity mask")

@@ -89,6 +89,8 @@ class LMTrainConfig(Strict):
     checkpoint_every: Int = Field(0, ge=0, description="checkpoint every N steps; 0 = only at the end")
     checkpoints_total_limit: Int | None = Field(2, ge=1)
     log_every: Int = Field(1, ge=1)
+    preflight: bool = Field(True, description="run genalign plan's data / sequence / GPU-memory checks before "
+                            "loading weights (genalign.plan.preflight)")
     trl: dict[str, Any] = Field(default_factory=dict, description="extra trl.DPOConfig fields (checked by name)")
 
 

@@ -68,9 +68,25 @@ def _adafactor_state(module) -> int:
 def plan(config_path: str | None, overrides: list[str] | None = None, gpus: int = 1, gpu_memory: float = 80.0,
          gpu: str = "A100", parallelism: str = "ddp", online: bool = False, check_data: bool = True,
          device: str = "cuda", spec: dict | None = None, require_data: bool = False, trace: bool = True) -> Plan:
-    """Build the pre-flight :class:`Plan` of a run config (see module docstring).
+    """Build the pre-flight :class:`Plan` of a run config file (see module docstring and :func:`plan_config`).
+
+    Raises:
+        genalign.config.ConfigError: an invalid config. PlanError: a model that cannot be resolved.
+    """
+    from genalign.config import load_config
+
+    return plan_config(load_config(config_path, overrides), str(config_path), gpus=gpus, gpu_memory=gpu_memory,
+                       gpu=gpu, parallelism=parallelism, online=online, check_data=check_data, device=device,
+                       spec=spec, require_data=require_data, trace=trace)
+
+
+def plan_config(cfg, label: str = "config", gpus: int = 1, gpu_memory: float = 80.0, gpu: str = "A100",
+                parallelism: str = "ddp", online: bool = False, check_data: bool = True, device: str = "cuda",
+                spec: dict | None = None, require_data: bool = False, trace: bool = True) -> Plan:
+    """The :class:`Plan` of a validated run config.
 
     Args:
+        cfg: a ``RunConfig`` / ``LMRunConfig``. label: how the plan names it (the config path).
         gpus / gpu_memory (GiB) / gpu (a key of :data:`GPUS`) / parallelism ("ddp" | "zero2" | "fsdp").
         online: read configs of unshipped hub models from the hub.
         device: "cuda" adds the CUDA context; "cpu" (the benchmark) leaves it out.
@@ -79,15 +95,12 @@ def plan(config_path: str | None, overrides: list[str] | None = None, gpus: int 
         trace: False skips the meta forward/backward (no activation or FLOP figures; parameter items only).
 
     Raises:
-        genalign.config.ConfigError: an invalid config. PlanError: a model that cannot be resolved.
+        PlanError: a model that cannot be resolved, an unknown GPU or parallelism.
     """
-    from genalign.config import load_config
-
-    cfg = load_config(config_path, overrides)
     is_lm = getattr(cfg, "family", "diffusion") == "lm"
     if gpu not in GPUS:
         raise PlanError(f"--gpu {gpu!r}: unknown; known: {', '.join(GPUS)}")
-    p = Plan(config=str(config_path), model=cfg.pipeline.model, gpu=gpu, gpus=gpus, gpu_memory=gpu_memory,
+    p = Plan(config=label, model=cfg.pipeline.model, gpu=gpu, gpus=gpus, gpu_memory=gpu_memory,
              parallelism=parallelism)
     p.trace = trace
     (_plan_lm if is_lm else _plan_diffusion)(cfg, p, online, device, spec)
