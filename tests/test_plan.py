@@ -144,3 +144,36 @@ def test_every_shipped_config_passes_plan_offline(name):
                                                                                       "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert "estimated peak memory per GPU" in out.stdout
+
+
+def test_stable_audio_dit_trace_matches_a_real_step(tmp_path):
+    """DiT recipes get traced activations and FLOPs (they used to say 'not traced'). The meta trace, taken at 128
+    frames and scaled, equals FlopCounterMode over a real CPU LoRA step of the same DiT at the full 256 frames
+    (random weights, the builtin:music architecture); activations grow linearly with the frames."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from genalign.data.music import caption_words
+    from genalign.pipelines.music import music_stable_audio_pipeline
+    from genalign.plan.trace import dit_inputs
+
+    music_stable_audio_pipeline(caption_words(), seed=0).save_pretrained(tmp_path / "m")
+    over = [f"pipeline.model={tmp_path / 'm'}", "train.batch_size=1", "train.mixed_precision=no",
+            "pipeline.lora.rank=8", "train.gradient_accumulation_steps=1"]
+    p = plan(str(ROOT / "configs" / "dragon_music.yaml"), over, check_data=False, device="cpu")
+    assert p.components[0].name == "transformer" and p.memory["activations (traced)"] > 0
+    dit = music_stable_audio_pipeline(caption_words(), seed=0).transformer.requires_grad_(False)
+    dit = inject_adapter_in_model(LoraConfig(r=8, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
+                                  dit)
+    frames = dit.config.sample_size
+    inputs = {k: (torch.randn(v.shape) if torch.is_tensor(v) else tuple(torch.ones(r.shape) for r in v))
+              for k, v in dit_inputs({"text_length": 128}, dit, p.rows_per_forward, frames, torch.float32).items()}
+    # the math SDPA kernel: FlopCounterMode has no formula for CPU's fused kernel (it would count attention as 0)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        dit(**inputs).sample.pow(2).mean().backward()
+    real = fc.get_total_flops() * 1.5  # + the reference forward of DRAGON's DPO pairs (adapter off), as plan adds
+    assert p.flops_per_step == pytest.approx(real, rel=0.10), (p.flops_per_step, real)
+    half = plan(str(ROOT / "configs" / "dragon_music.yaml"), over, check_data=False, device="cpu",
+                spec=dict(architecture(str(tmp_path / "m")), latent_frames=frames // 2))
+    assert half.memory["activations (traced)"] == pytest.approx(p.memory["activations (traced)"] / 2, rel=0.05)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from genalign.plan.models import CUDA_CONTEXT, Component, GIB, GPUS, MFU, PAIR_OBJECTIVES, Plan, PlanError, add_lora, architecture, build_meta, count_params, shipped_config
-from genalign.plan.trace import diffusion_inputs, meta_tensor, scaled_trace
+from genalign.plan.trace import diffusion_inputs, dit_inputs, meta_tensor, scaled_trace
 from genalign.plan.checks import check_data_rows, check_lm_data, print_plan, sequence_checks
 
 
@@ -226,10 +226,24 @@ def _plan_diffusion(cfg, p: Plan, online: bool, device: str, spec: dict | None =
             flops += flops / (2 if pc.lora is not None else 3)
         if cfg.objective.name == "di_star":
             p.notes.append("DI*: generator-phase activations through teacher, fake score, VAE and reward not traced")
+    elif main == "transformer" and comps[main]["class"] == "StableAudioDiTModel":
+        frames = int(spec.get("latent_frames") or trainable_mod.config.sample_size)
+        p.shape = f"{rows} rows × {frames} latent frames"
+
+        def make_inputs(r, n):
+            return dit_inputs(spec, trainable_mod, r, n, dtype)
+
+        def loss_fn(out):
+            return out.sample.float().pow(2).mean()
+        act, flops = scaled_trace(trainable_mod, make_inputs, loss_fn, dtype, pc.gradient_checkpointing, rows, frames,
+                                  128, quadratic=False)
+        mem["activations (traced)"] = float(act)
+        if needs_ref_pass(obj, ref):
+            flops += flops / (2 if pc.lora is not None else 3)
     else:
         flops = 0.0
         mem["activations"] = 0.0
-        p.notes.append(f"{main} ({comps[main]['class']}): activations and FLOPs not traced (UNet / LM only)")
+        p.notes.append(f"{main} ({comps[main]['class']}): activations and FLOPs not traced (UNet / DiT / LM only)")
         p.shape = f"{rows} rows"
     if device == "cuda":
         mem["CUDA context + workspace"] = CUDA_CONTEXT

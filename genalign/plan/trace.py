@@ -180,3 +180,19 @@ def diffusion_inputs(spec: dict, unet, rows: int, resolution: int, dtype) -> dic
         inputs["added_cond_kwargs"] = {"text_embeds": meta_tensor(rows, pooled, dtype=dtype),
                                        "time_ids": meta_tensor(rows, 6, dtype=dtype)}
     return inputs
+
+
+def dit_inputs(spec: dict, dit, rows: int, frames: int, dtype) -> dict:
+    """Meta inputs for a ``StableAudioDiTModel`` training forward over ``frames`` latent frames: the text tokens +
+    the two seconds tokens as cross-attention states, the global seconds embedding, and the rotary table
+    ``StableAudioPipeline`` builds (``attention_head_dim // 2``, frames + 1 for the prepended global token)."""
+    from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
+    c = dit.config
+    text_len = spec.get("text_length", 128) + 2
+    rot = get_1d_rotary_pos_embed(c.attention_head_dim // 2, frames + 1, use_real=True, repeat_interleave_real=False)
+    return {"hidden_states": meta_tensor(rows, c.in_channels, frames, dtype=dtype),
+            "timestep": meta_tensor(rows, dtype=dtype),
+            "encoder_hidden_states": meta_tensor(rows, text_len, c.cross_attention_input_dim, dtype=dtype),
+            "global_hidden_states": meta_tensor(rows, 1, c.global_states_input_dim, dtype=dtype),
+            "rotary_embedding": tuple(r.to(device="meta", dtype=torch.float32) for r in rot)}
