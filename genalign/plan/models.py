@@ -86,6 +86,12 @@ def shipped_config(model: str) -> dict | None:
     return None
 
 
+def _library(entry: list) -> str:
+    """The library of a ``model_index.json`` entry: ``transformers``, else ``diffusers`` (pipeline-local modules
+    such as ``["audioldm2", "AudioLDM2UNet2DConditionModel"]`` or ``["stable_audio", ...]`` are diffusers classes)."""
+    return "transformers" if entry[0] == "transformers" else "diffusers"
+
+
 def _folder_spec(folder: Path) -> dict:
     """A Diffusers pipeline folder (``model_index.json`` + ``<component>/config.json``) → spec."""
     index = json.loads((folder / "model_index.json").read_text())
@@ -95,8 +101,7 @@ def _folder_spec(folder: Path) -> dict:
             continue
         cfg = folder / name / "config.json"
         if cfg.exists():
-            lib = "diffusers" if val[0] == "diffusers" else "transformers"
-            comps[name] = {"library": lib, "class": val[1], "config": json.loads(cfg.read_text())}
+            comps[name] = {"library": _library(val), "class": val[1], "config": json.loads(cfg.read_text())}
     return {"model": str(folder), "source": f"local folder {folder}", "components": comps}
 
 
@@ -116,8 +121,7 @@ def _hub_spec(model: str) -> dict:
             continue
         with contextlib.suppress(Exception):
             cfg = json.loads(Path(hf_hub_download(model, f"{name}/config.json")).read_text())
-            comps[name] = {"library": "diffusers" if val[0] == "diffusers" else "transformers", "class": val[1],
-                           "config": cfg}
+            comps[name] = {"library": _library(val), "class": val[1], "config": cfg}
     return {"model": model, "source": f"hub {model}", "components": comps}
 
 
@@ -182,26 +186,78 @@ def _tiny_spec(model: str) -> dict:
 def build_meta(comp: dict):
     """One component spec → an ``nn.Module`` on the meta device (no memory, no weights).
 
+    ``library`` is ``diffusers`` / ``transformers`` (a hub config), ``genalign`` (a genalign module, ``class`` its
+    dotted path, ``config`` its keyword arguments, e.g. the LAION / ImageReward MLP head) or ``composite`` (an
+    ``nn.ModuleDict`` of the component specs in ``config``, for reward models assembled from several towers).
+
     Source: ``accelerate.init_empty_weights``; Diffusers ``from_config`` / Transformers ``AutoConfig.for_model``.
     """
-    import diffusers
-    import transformers
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):
-        if comp["library"] == "diffusers":
-            return getattr(diffusers, comp["class"]).from_config(comp["config"])
-        cfg = dict(comp["config"])
-        cfg.pop("architectures", None)
-        cls = getattr(transformers, comp["class"])
-        if "model_type" in cfg:
-            config = transformers.AutoConfig.for_model(**cfg)
-        else:  # a config.json without model_type: the class's own config class
-            config = cls.config_class(**cfg)
-        m = cls.from_config(config) if comp["class"].startswith("Auto") else cls(config)
-        with contextlib.suppress(Exception):
-            m.tie_weights()
-        return m
+        module = _build(comp)
+    _tie_weights(module)
+    return module
+
+
+def _tie_weights(module) -> None:
+    """Tie shared weights (T5's ``encoder.embed_tokens`` ↔ ``shared``, tied LM heads) of every transformers model in
+    ``module``. Done outside ``init_empty_weights``: inside it accelerate's patched ``register_parameter`` re-wraps
+    the tied parameter, so the two names would stay two tensors and the shared weight be counted twice."""
+    from transformers import PreTrainedModel
+
+    for sub in module.modules():
+        if isinstance(sub, PreTrainedModel):
+            with contextlib.suppress(Exception):
+                sub.tie_weights()
+
+
+def _build(comp: dict):
+    """:func:`build_meta` without the meta context (composites recurse through it)."""
+    lib = comp["library"]
+    if lib == "composite":
+        from torch import nn
+
+        return nn.ModuleDict({name: _build(part) for name, part in comp["config"].items()})
+    if lib == "genalign":
+        import importlib
+
+        module, _, name = comp["class"].rpartition(".")
+        if not module.startswith("genalign."):
+            raise ValueError(f"library genalign: {comp['class']!r} is not a genalign class")
+        return getattr(importlib.import_module(module), name)(**comp.get("config", {}))
+    if lib == "diffusers":
+        import diffusers
+
+        return getattr(diffusers, comp["class"]).from_config(comp["config"])
+    return _build_transformers(comp)
+
+
+def _build_transformers(comp: dict):
+    """A transformers model from its config dict (``init_kwargs``: extra constructor arguments)."""
+    import transformers
+
+    cfg = dict(comp["config"])
+    cfg.pop("architectures", None)
+    cls = getattr(transformers, comp["class"])
+    config = _transformers_config(cls, cfg)
+    if comp["class"].startswith("Auto"):
+        return cls.from_config(config)
+    return cls(config, **comp.get("init_kwargs", {}))
+
+
+def _transformers_config(cls, cfg: dict):
+    """``AutoConfig.for_model`` when the config names its ``model_type``; the class's own config class when it does
+    not, or when the name is a legacy one this transformers no longer maps (AudioLDM2's vocoder: ``hifigan``)."""
+    import transformers
+
+    if "model_type" in cfg:
+        try:
+            return transformers.AutoConfig.for_model(**cfg)
+        except (ValueError, KeyError):
+            if getattr(cls, "config_class", None) is None:
+                raise
+    return cls.config_class(**{k: v for k, v in cfg.items() if k != "model_type"})
 
 
 def count_params(module) -> tuple[int, int]:
