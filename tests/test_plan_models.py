@@ -124,3 +124,15 @@ def test_audioldm2_music_plans_offline(counts):
     assert "reward:clap" in comps and not p.problems and p.fits
     assert "model config: audioldm2_music.json" in p.notes
     assert any("AudioLDM2UNet2DConditionModel" in n and "not traced" in n for n in p.notes), p.notes
+
+
+def test_objective_rewards_are_counted_once_with_the_evaluation_rewards():
+    """Ctrl-U's condition reward (objective.reward) and DRAGON's training rewards (objective.rewards) are loaded by
+    the run, so the plan lists them; a reward named in both places is one component."""
+    from genalign.plan import plan
+
+    p = plan(str(ROOT / "configs" / "ctrl_u_depth.yaml"), check_data=False, trace=False)
+    names = [c.name for c in p.components]
+    assert "reward:dpt_depth" in names and names.count("reward:clipscore") == 1
+    q = plan(str(ROOT / "configs" / "dragon_stable_audio.yaml"), check_data=False, trace=False)
+    assert [c.name for c in q.components].count("reward:clap") == 1

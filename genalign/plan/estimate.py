@@ -173,14 +173,14 @@ def _plan_diffusion(cfg, p: Plan, online: bool, device: str, spec: dict | None =
         extra_trainable = p.components[0].trainable if pc.name != "controlnet" else 0
         p.components.append(Component("fake_score", "trainable", None, p.components[0].total, extra_trainable,
                                       "DI* fake score (copy of the generator)"))
-    for item in cfg.rewards:
-        rs = shipped_config(f"reward:{item.name}")
+    for name in _reward_names(cfg):
+        rs = shipped_config(f"reward:{name}")
         if rs is None:
-            p.notes.append(f"reward {item.name}: size not modelled (no shipped config)")
+            p.notes.append(f"reward {name}: size not modelled (no shipped config)")
             continue
         m = build_meta(rs["components"]["model"])
         m.requires_grad_(False)
-        p.components.append(Component(f"reward:{item.name}", "reward", m, *count_params(m)))
+        p.components.append(Component(f"reward:{name}", "reward", m, *count_params(m)))
     # memory
     frozen = sum(c.total * wbytes for c in p.components if c.role in ("frozen", "reward"))
     fb, trainable = _weights_bytes(trainable_mod, wbytes)
@@ -250,6 +250,20 @@ def _plan_diffusion(cfg, p: Plan, online: bool, device: str, spec: dict | None =
     accum = tcfg.gradient_accumulation_steps
     p.flops_per_step = flops * accum
     p.step_seconds = p.flops_per_step / (GPUS[p.gpu] * MFU) if flops else 0.0
+
+
+def _reward_names(cfg) -> list[str]:
+    """Reward models the run loads, each once: the training signal (``objective.reward`` / ``objective.rewards``)
+    and the evaluation rewards (``rewards``)."""
+    items = list(getattr(cfg.objective, "rewards", None) or [])
+    one = getattr(cfg.objective, "reward", None)
+    items += [one] if one is not None else []
+    names = []
+    for item in items + list(cfg.rewards):
+        name = item.get("name") if isinstance(item, dict) else getattr(item, "name", None)
+        if name and name not in names:
+            names.append(name)
+    return names
 
 
 def needs_ref_pass(obj, reference: str) -> bool:
