@@ -141,7 +141,7 @@ def generate(model: str, prompts: str, out, steps: int = 25, guidance_scale: flo
     audio = audio_adapter_for(model)
     images = []
     if audio is not None:  # text-to-music: WAV files
-        rows = generate_audio_files(audio, plist, out, steps, guidance_scale, seed, batch_size)
+        rows = generate_audio_files(audio, plist, out, steps, guidance_scale, seed, batch_size, progress=progress)
     else:
         pipe = load_diffusers_pipeline(model)
         pipe.set_progress_bar_config(disable=True)

@@ -131,6 +131,15 @@ def test_generate_audio_files_writes_wavs(tmp_path):
     assert audio_adapter_for("tiny:sd") is None
 
 
+def test_generate_audio_files_shows_progress_in_clips(tmp_path, capsys):
+    from genalign.pipelines.audio import audio_adapter_for
+
+    ad = audio_adapter_for("tiny:stable_audio")
+    generate_audio_files(ad, ["a", "b", "c"], tmp_path, num_inference_steps=1, batch_size=2, progress=True)
+    err = capsys.readouterr().err
+    assert "generate" in err and "3/3" in err and "clip" in err
+
+
 # -- AudioLDM2 ---------------------------------------------------------------------------------------------------
 def test_audioldm2_epsilon_ddim_adapter():
     from genalign.pipelines.audio import AudioLDM2Adapter, tiny_audioldm2_pipeline

@@ -377,21 +377,27 @@ __all__ = [
 
 
 def generate_audio_files(adapter, prompts: list[str], out_dir, num_inference_steps: int = 25,
-                         guidance_scale: float = 1.0, seed: int = 0, batch_size: int = 16) -> list[dict]:
+                         guidance_scale: float = 1.0, seed: int = 0, batch_size: int = 16,
+                         progress: bool = False) -> list[dict]:
     """Generate one WAV per prompt (sample i seeded with ``seed + i``) into ``out_dir``; return metadata rows
     ``{"file_name", "prompt", "seed", "sample_rate"}`` (what ``genalign generate`` writes to metadata.jsonl).
 
     ``adapter``: an audio adapter (``sample``, ``sample_rate``), e.g. from
-    :func:`genalign.pipelines.audio.audio_adapter_for`."""
+    :func:`genalign.pipelines.audio.audio_adapter_for`. ``progress``: a tqdm bar counting clips."""
+    from tqdm.auto import tqdm
+
     out_dir = Path(out_dir)
     rows = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        gens = [torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]
-        wavs = adapter.sample(chunk, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                              generator=gens, batch_size=batch_size)
-        for j, w in enumerate(wavs):
-            name = f"{i + j:05d}.wav"
-            save_audio(out_dir / name, w, adapter.sample_rate)
-            rows.append({"file_name": name, "prompt": chunk[j], "seed": seed + i + j, "sample_rate": adapter.sample_rate})
+    with tqdm(total=len(prompts), desc="generate", unit="clip", disable=not progress, dynamic_ncols=True) as bar:
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i:i + batch_size]
+            gens = [torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]
+            wavs = adapter.sample(chunk, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                  generator=gens, batch_size=batch_size)
+            for j, w in enumerate(wavs):
+                name = f"{i + j:05d}.wav"
+                save_audio(out_dir / name, w, adapter.sample_rate)
+                rows.append({"file_name": name, "prompt": chunk[j], "seed": seed + i + j,
+                             "sample_rate": adapter.sample_rate})
+            bar.update(len(chunk))
     return rows
