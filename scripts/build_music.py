@@ -3,7 +3,7 @@
 Usage::
 
     OMP_NUM_THREADS=1 python scripts/build_music.py [--stages corpus,classifier,clap,base,stats,eval,clips]
-        [--per-style 40] [--cache runs/music/corpus.pt] [--wav-dir runs/music/base_samples]
+        [--jobs 2] [--per-style 40] [--cache runs/music/corpus.pt] [--wav-dir runs/music/base_samples]
 
 Needs ``pip install -e ".[music]"`` (music21). The defaults are the settings of the shipped assets (each stage seeds
 itself, so a stage run alone reproduces its files bit for bit). Writes into ``genalign/assets/music/``:
@@ -12,13 +12,16 @@ itself, so a stage run alone reproduces its files bit for bit). Writes into ``ge
 of the classifier features of the held-out real clips, for FAD), ``prompts_train.txt`` / ``prompts_heldout.txt``
 and ``build_report.json`` (every figure: skipped files, accuracies, VAE posterior-noise check, base held-out
 rewards and FAD). The ``clips`` stage writes the train clips as WAV files for ``configs/ddo_music.yaml``
-(``--clips-dir``, default ``runs/music/train_clips``). Stages can run in separate processes (the rendered corpus is cached with ``--cache``).
+(``--clips-dir``, default ``runs/music/train_clips``). With ``--jobs 2`` (default) the classifier, CLAP and stats
+stages run in a second process beside the base (one core each; the rendered corpus is cached with ``--cache``,
+default ``runs/music/corpus.pt``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,9 +37,13 @@ REPORT = MUSIC_ASSETS / "build_report.json"
 
 
 def _update_report(**items) -> dict:
-    report = json.loads(REPORT.read_text()) if REPORT.exists() else {}
-    report.update(items)
-    REPORT.write_text(json.dumps(report, indent=2, sort_keys=True))
+    from filelock import FileLock
+
+    with FileLock(str(REPORT) + ".lock"):  # stages may run in two processes (--jobs 2)
+        report = json.loads(REPORT.read_text()) if REPORT.exists() else {}
+        report.update(items)
+        REPORT.write_text(json.dumps(report, indent=2, sort_keys=True))
+    Path(str(REPORT) + ".lock").unlink(missing_ok=True)
     return report
 
 
@@ -115,8 +122,8 @@ def stage_base(data, args) -> None:
     from genalign.pipelines.music import MUSIC_DIR, build_music_base
 
     tr = data["train"]
-    rep = build_music_base(tr.waveforms, tr.captions, caption_words(), MUSIC_DIR, vae_steps=args.vae_steps,
-                           dit_steps=args.dit_steps, batch_size=args.dit_batch, seed=args.seed)
+    rep = build_music_base(tr.waveforms, tr.captions, caption_words(), MUSIC_DIR, dit_steps=args.dit_steps,
+                           batch_size=args.dit_batch, seed=args.seed)
     print("base:", rep)
     _update_report(base=rep)
 
@@ -167,6 +174,19 @@ def stage_eval(data, args) -> None:
         for i in range(min(8, len(prompts))):
             save_audio(Path(args.wav_dir) / f"real_{i:02d}.wav", he.waveforms[i], he.sample_rate)
         (Path(args.wav_dir) / "prompts.txt").write_text("".join(p + "\n" for p in prompts[:8]))
+    # the VAE on held-out real clips: reconstruction SNR and the classifier's accuracy on the reconstructions
+    from genalign.pipelines.music import encode_posterior
+    from genalign.rewards.music import classifier_accuracy
+
+    mu, _ = encode_posterior(ad.pipe.vae, he.waveforms, desc="eval: encode held-out clips")
+    with torch.no_grad():
+        rec = torch.cat([ad.pipe.vae.decode(mu[i:i + 32]).sample for i in range(0, len(mu), 32)])
+    snr = 10 * torch.log10(he.waveforms.pow(2).sum() / (rec - he.waveforms).pow(2).sum())
+    out["vae_heldout"] = {"snr_db": round(float(snr), 2), "clips": len(he),
+                          "accuracy_on_reconstructions": {k: round(v, 4) for k, v in
+                                                          classifier_accuracy(key.net, rec, he.keys, he.styles).items()},
+                          "accuracy_on_originals": {k: round(v, 4) for k, v in
+                                                    classifier_accuracy(key.net, he.waveforms, he.keys, he.styles).items()}}
     with torch.no_grad():
         out["fd_real_train_vs_heldout"] = round(music_frechet_distance(data["train"].waveforms[: len(prompts) * 4][::4],
                                                                        HELDOUT_STATS, key.net), 4)
@@ -201,23 +221,43 @@ def main() -> None:
     ap.add_argument("--clf-epochs", type=int, default=20)
     ap.add_argument("--clap-steps", type=int, default=500)
     ap.add_argument("--clap-batch", type=int, default=24)
-    ap.add_argument("--vae-steps", type=int, default=200)
-    ap.add_argument("--dit-steps", type=int, default=400)
-    ap.add_argument("--dit-batch", type=int, default=16)
+    ap.add_argument("--dit-steps", type=int, default=1000)
+    ap.add_argument("--dit-batch", type=int, default=32)
     ap.add_argument("--eval-clips", type=int, default=96)
     ap.add_argument("--wav-dir", default=None, help="write a few base / real WAV files here (listening samples)")
     ap.add_argument("--clips-dir", default="runs/music/train_clips", help="stage clips: where the train WAVs go")
+    ap.add_argument("--jobs", type=int, default=2, choices=[1, 2],
+                    help="2: the classifier, clap and stats stages run in a second process beside the base")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     t0 = time.time()
+    names = args.stages.split(",")
+    side = [n for n in ("classifier", "clap", "stats") if n in names] if args.jobs == 2 and "base" in names else []
+    if side and not args.cache:  # the second process reads the rendered corpus from a cache file
+        args.cache = str(ROOT / "runs" / "music" / "corpus.pt")
     data = load_corpus(args)
+    proc = None
+    if side:
+        cmd = [sys.executable, __file__, "--stages", ",".join(side), "--cache", args.cache, "--jobs", "1",
+               "--per-style", str(args.per_style), "--seed", str(args.seed), "--clf-epochs", str(args.clf_epochs),
+               "--clap-steps", str(args.clap_steps), "--clap-batch", str(args.clap_batch)]
+        proc = subprocess.Popen(cmd)
+        print(f"[{','.join(side)}] running in process {proc.pid}", flush=True)
     stages = {"corpus": stage_corpus, "classifier": stage_classifier, "clap": stage_clap, "base": stage_base,
               "stats": stage_stats, "eval": stage_eval, "clips": stage_clips}
-    for name in args.stages.split(","):
+    for name in names:
+        if name in side:
+            continue
+        if name == "eval" and proc is not None:  # eval reads the classifier, CLAP and stats the side process writes
+            if proc.wait() != 0:
+                raise SystemExit(f"stages {side} failed (exit {proc.returncode})")
+            proc = None
         t = time.time()
         stages[name](data, args)
         print(f"[{name}] {time.time() - t:.0f} s", flush=True)
+    if proc is not None and proc.wait() != 0:
+        raise SystemExit(f"stages {side} failed (exit {proc.returncode})")
     print(f"total {time.time() - t0:.0f} s")
 
 

@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 
 # 4 kHz: the highest melody notes (~1.3 kHz) keep their fundamental and first partial, and the Oobleck VAE and
 # DiT of the base model stay affordable on 2 shared CPU cores (their cost is linear in samples / latent frames).
-CLIP_SECONDS = 4.096  # 16,384 samples at 4 kHz = 128 latent frames at the base model's hop of 128
+CLIP_SECONDS = 4.096  # 16,384 samples at 4 kHz = 256 latent frames at the base model's hop of 64
 
 STYLES = ("chorale", "mass", "madrigal", "fiddle")
 STYLE_FOLDERS = {"chorale": "bach", "mass": "palestrina", "madrigal": "monteverdi", "fiddle": "ryansMammoth"}

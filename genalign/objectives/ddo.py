@@ -307,8 +307,12 @@ class DDO(Objective):
         self._ctx, self.seed, self.total_steps = ctx, cfg.seed, cfg.train.steps
         samples, prompts, skipped = load_real_samples(model, src, cfg.seed)
         g = torch.Generator().manual_seed(cfg.seed)
-        lat = torch.cat([model.encode(samples[i:i + 64], generator=g).float().cpu()
-                         for i in range(0, len(samples), 64)])
+        chunks = []
+        with ctx.progress("ddo: encode real samples", total=len(samples), unit="sample") as bar:
+            for i in range(0, len(samples), 64):
+                chunks.append(model.encode(samples[i:i + 64], generator=g).float().cpu())
+                bar.update(len(chunks[-1]))
+        lat = torch.cat(chunks)
         self._null_cond = encode_prompts(model, [""])
         d = int(lat[0].numel())
         other = "mean" if c.reduction == "sum" else "sum"
