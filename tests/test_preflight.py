@@ -98,3 +98,26 @@ def test_cli_train_prints_the_refusal_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "would not start" in err and "missing.txt" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_lm_rows_use_the_trainers_own_checks(tmp_path, monkeypatch):
+    """Some malformed rows: a data line (the trainer skips and counts them). None usable: refused. RRPO rows in the
+    official loader's field names (question / answer / pred / media_path) are usable."""
+    monkeypatch.setattr(PF, "gpu_memory_gib", lambda: None)
+    treg = ROOT / "configs" / "treg_tiny.yaml"
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps({"prompt": "1+1=", "chosen": "2", "rejected": "3"}) + "\nnot json\n"
+                     + json.dumps({"prompt": "x"}) + "\n")
+    p = PF.preflight(api.load_config(treg, ["data.synthetic=null", f"data.train={mixed}"]))
+    assert any("1 of the first 3 rows usable" in s and "not_json 1" in s for s in p.data), p.data
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "x"}) + "\n" + json.dumps({"prompt": "y", "chosen": "a", "rejected": "a"}) + "\n")
+    with pytest.raises(PF.PreflightError, match=r"none of the first 2 rows is usable \(identical_chosen_rejected 1, "
+                                                r"missing_chosen_rejected 1\)"):
+        PF.preflight(api.load_config(treg, ["data.synthetic=null", f"data.train={bad}"]))
+    rrpo = tmp_path / "rrpo.jsonl"
+    rrpo.write_text(json.dumps({"question": "What happens?", "answer": "a red cat", "pred": "a big cat",
+                                "media_path": "v0"}) + "\n")
+    monkeypatch.chdir(ROOT)
+    p = PF.preflight(api.load_config("configs/rrpo_llava_video.yaml", [f"data.train={rrpo}"]))
+    assert any("1 of the first 1 rows usable" in s for s in p.data), p.data

@@ -38,6 +38,7 @@ __all__ = [
     "load_video_frames",
     "probe_video",
     "read_preference_jsonl",
+    "video_row_problem",
     "filter_readable",
     "VideoPreferenceCollator",
     "has_chat_template",
@@ -166,13 +167,13 @@ def read_preference_jsonl(path: str, counts: Counter | None = None) -> list[dict
         ConfigError: the file does not exist or cannot be read (one line naming it).
     """
     counts = counts if counts is not None else Counter()
-    return read_checked_jsonl(path, _video_row_problem, counts)
+    return read_checked_jsonl(path, video_row_problem, counts)
 
 
 _ALIASES = {"media_path": "video", "question": "prompt", "answer": "chosen", "pred": "rejected"}
 
 
-def _video_row_problem(row) -> str | None:
+def video_row_problem(row) -> str | None:
     """Why a video preference row is unusable (None if usable); renames the official loader's aliases in place."""
     if not isinstance(row, dict):
         return "not_an_object"

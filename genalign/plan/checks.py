@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -61,8 +60,16 @@ def _looks_like_hub_id(s: str) -> bool:
     return s.count("/") == 1 and not s.startswith((".", "/")) and not Path(s).suffix
 
 
-def check_lm_data(cfg, p: Plan, require: bool = False) -> None:
-    """Check an LM run's preference rows (fields the objective needs) and note problems in ``p``."""
+def check_lm_data(cfg, p: Plan, require: bool = False, rows: int = 16) -> None:
+    """Read the first ``rows`` rows of an LM run's preference file with the trainer's own row checks (text:
+    prompt / chosen / rejected; video: + video, with the official loader's aliases) and note in ``p`` how many are
+    usable and why the others are skipped. None usable among them is a problem; some skipped is a data line (the
+    trainer skips and counts them)."""
+    from collections import Counter
+
+    from genalign.data.jsonl import read_checked_jsonl, text_row_problem
+    from genalign.data.video import video_row_problem
+
     d = cfg.data
     if d.synthetic is not None:
         p.data.append(f"synthetic {d.synthetic.kind} pairs: {d.synthetic.n_train} train")
@@ -74,18 +81,14 @@ def check_lm_data(cfg, p: Plan, require: bool = False) -> None:
         else:
             _missing(p, f"data.train {d.train}", require)
         return
-    missing, n = set(), 0
-    with open(path) as f:
-        for line in f:
-            if n >= 16:
-                break
-            if line.strip():
-                row = json.loads(line)
-                missing |= {"prompt", "chosen", "rejected"} - set(row)
-                n += 1
-    p.data.append(f"{path}: first {n} rows read" + (f"; missing columns {sorted(missing)}" if missing else ""))
-    if missing:
-        p.problems.append(f"data.train {path}: missing columns {', '.join(sorted(missing))}")
+    check = video_row_problem if cfg.pipeline.name == "video_language" else text_row_problem
+    skipped: Counter = Counter()
+    usable = read_checked_jsonl(str(path), check, skipped, max_lines=rows)
+    read = len(usable) + sum(skipped.values())
+    why = ", ".join(f"{k.removeprefix('bad_rows/')} {v}" for k, v in sorted(skipped.items()))
+    p.data.append(f"{path}: {len(usable)} of the first {read} rows usable" + (f"; skipped: {why}" if why else ""))
+    if read and not usable:
+        p.problems.append(f"data.train {path}: none of the first {read} rows is usable ({why})")
 
 
 def video_tokens(spec: dict, frames: int) -> int | None:

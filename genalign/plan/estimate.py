@@ -35,6 +35,11 @@ from genalign.plan.checks import check_data_rows, check_lm_data, print_plan, seq
 
 
 
+# Rewards computed from pixels / samples alone: nothing to load, nothing to count.
+WEIGHT_FREE_REWARDS = {"contrast", "ink_mass", "jpeg-compressibility", "jpeg-incompressibility", "canny", "soft_edges",
+                       "vendi"}
+
+
 class _NotTraced(Exception):
     """Raised inside the LM plan to take the logits-only estimate when tracing is switched off."""
 
@@ -174,6 +179,11 @@ def _plan_diffusion(cfg, p: Plan, online: bool, device: str, spec: dict | None =
         p.components.append(Component("fake_score", "trainable", None, p.components[0].total, extra_trainable,
                                       "DI* fake score (copy of the generator)"))
     for name in _reward_names(cfg):
+        if name in WEIGHT_FREE_REWARDS:
+            continue
+        if name.startswith("fad-"):
+            p.notes.append(f"reward {name}: embeds with the VAE frames or its encoder reward (not a separate network)")
+            continue
         rs = shipped_config(f"reward:{name}")
         if rs is None:
             p.notes.append(f"reward {name}: size not modelled (no shipped config)")

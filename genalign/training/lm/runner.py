@@ -34,7 +34,7 @@ from genalign.training.lm.model import build_bundle, peft_and_reference
 from genalign.training.lm.synthetic import make_arithmetic_preference_rows
 from genalign.training.lm.trainers import PreferenceTrainer
 from genalign.training.trainer import NonFiniteLossError
-from genalign.data.jsonl import read_checked_jsonl
+from genalign.data.jsonl import read_checked_jsonl, text_row_problem
 
 logger = logging.getLogger(__name__)
 
@@ -73,25 +73,9 @@ def dpo_args(cfg: LMRunConfig, run_dir: Path, progress: bool = True) -> DPOConfi
     return DPOConfig(**kw)
 
 
-def _text_row_problem(row) -> str | None:
-    """Why a text preference row cannot be used (None if it can): TRL needs prompt/chosen/rejected as strings (or
-    message lists for conversational data)."""
-    if not isinstance(row, dict):
-        return "not_an_object"
-    missing = {"prompt", "chosen", "rejected"} - set(row)
-    if missing:
-        return "missing_" + "_".join(sorted(missing))
-    kinds = {type(row[k]) for k in ("prompt", "chosen", "rejected")}
-    if not (kinds == {str} or kinds == {list}):
-        return "prompt_chosen_rejected_not_all_strings_or_all_message_lists"
-    if row["chosen"] == row["rejected"]:
-        return "identical_chosen_rejected"
-    return None
-
-
 def _read_jsonl(path: str, counts: Counter) -> list[dict]:
     """Rows of a text preference jsonl; malformed rows are skipped and counted (``bad_rows/<reason>``)."""
-    return read_checked_jsonl(path, _text_row_problem, counts)
+    return read_checked_jsonl(path, text_row_problem, counts)
 
 
 def load_rows(cfg: LMRunConfig, tagged: bool = False, counts: Counter | None = None
