@@ -177,3 +177,33 @@ def test_stable_audio_dit_trace_matches_a_real_step(tmp_path):
     half = plan(str(ROOT / "configs" / "dragon_music.yaml"), over, check_data=False, device="cpu",
                 spec=dict(architecture(str(tmp_path / "m")), latent_frames=frames // 2))
     assert half.memory["activations (traced)"] == pytest.approx(p.memory["activations (traced)"] / 2, rel=0.05)
+
+
+def test_audioldm2_unet_trace_matches_a_real_step(tmp_path):
+    """AudioLDM2 recipes get traced activations and FLOPs at the adapter's window: the meta trace equals
+    FlopCounterMode over a real CPU LoRA step of a tiny AudioLDM2 UNet (math SDPA), reference pass included."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from genalign.pipelines.audioldm2 import tiny_audioldm2_pipeline
+    from genalign.plan.estimate import needs_ref_pass
+    from genalign.plan.trace import audioldm2_inputs
+    from genalign.registry import objectives
+
+    tiny_audioldm2_pipeline().save_pretrained(tmp_path / "m")
+    over = ["pipeline.name=audioldm2", f"pipeline.model={tmp_path / 'm'}", "train.batch_size=1",
+            "train.mixed_precision=no", "pipeline.lora.rank=4", "train.gradient_accumulation_steps=1",
+            "pipeline.gradient_checkpointing=false"]  # (checkpointing adds a recomputed forward: 4/3)
+    p = plan(str(ROOT / "configs" / "ddo_stable_audio.yaml"), over, check_data=False, device="cpu")
+    assert p.memory["activations (traced)"] > 0 and "mel frames" in p.shape
+    unet = tiny_audioldm2_pipeline().unet.requires_grad_(False)
+    unet = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
+                                   unet)
+    meta, _ = audioldm2_inputs(architecture(str(tmp_path / "m")), unet, p.rows_per_forward, torch.float32)
+    inputs = {k: (torch.randn(v.shape) if v.is_floating_point() else torch.ones(v.shape, dtype=v.dtype))
+              for k, v in meta.items()}
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        unet(**inputs).sample.pow(2).mean().backward()
+    real = fc.get_total_flops() * (1.5 if needs_ref_pass(objectives.get("ddo"), "adapter_off") else 1.0)
+    assert p.flops_per_step == pytest.approx(real, rel=0.10), (p.flops_per_step, real)

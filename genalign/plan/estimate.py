@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from genalign.plan.models import CUDA_CONTEXT, Component, GIB, GPUS, MFU, PAIR_OBJECTIVES, Plan, PlanError, add_lora, architecture, build_meta, count_params, shipped_config
-from genalign.plan.trace import diffusion_inputs, dit_inputs, meta_tensor, scaled_trace
+from genalign.plan.trace import audioldm2_inputs, diffusion_inputs, dit_inputs, meta_tensor, scaled_trace, trace_step
 from genalign.plan.checks import check_data_rows, check_lm_data, print_plan, sequence_checks
 
 
@@ -236,6 +236,16 @@ def _plan_diffusion(cfg, p: Plan, online: bool, device: str, spec: dict | None =
             flops += flops / (2 if pc.lora is not None else 3)
         if cfg.objective.name == "di_star":
             p.notes.append("DI*: generator-phase activations through teacher, fake score, VAE and reward not traced")
+    elif main == "unet" and comps[main]["class"] == "AudioLDM2UNet2DConditionModel":
+        inputs, p.shape = audioldm2_inputs(spec, trainable_mod, rows, dtype)
+        act, flops, attn = trace_step(trainable_mod, inputs, lambda out: out.sample.float().pow(2).mean()
+                                      if hasattr(out, "sample") else out[0].float().pow(2).mean(), dtype,
+                                      pc.gradient_checkpointing)
+        flops += attn
+        mem["activations (traced)"] = float(act)
+        p.notes.append("AudioLDM2: traced at its full window with 64 T5 tokens (an assumption)")
+        if needs_ref_pass(obj, ref):
+            flops += flops / (2 if pc.lora is not None else 3)
     elif main == "transformer" and comps[main]["class"] == "StableAudioDiTModel":
         frames = int(spec.get("latent_frames") or trainable_mod.config.sample_size)
         p.shape = f"{rows} rows × {frames} latent frames"

@@ -196,3 +196,26 @@ def dit_inputs(spec: dict, dit, rows: int, frames: int, dtype) -> dict:
             "encoder_hidden_states": meta_tensor(rows, text_len, c.cross_attention_input_dim, dtype=dtype),
             "global_hidden_states": meta_tensor(rows, 1, c.global_states_input_dim, dtype=dtype),
             "rotary_embedding": tuple(r.to(device="meta", dtype=torch.float32) for r in rot)}
+
+
+def audioldm2_inputs(spec: dict, unet, rows: int, dtype, text_length: int = 64) -> tuple[dict, str]:
+    """Meta inputs for an ``AudioLDM2UNet2DConditionModel`` training forward over the AudioLDM2 adapter's default
+    window (1,024 mel frames = 10.24 s at 16 kHz; 32 latent rows below 16 kHz): GPT-2's generated states
+    (``max_new_tokens`` × the second cross-attention width) and ``text_length`` T5 tokens (× the third; an
+    assumption: prompts are padded to the longest in the batch). Returns (inputs, shape description)."""
+    comps = spec["components"]
+    voc = comps.get("vocoder", {}).get("config", {})
+    mel, sr = int(voc.get("model_in_dim", 64)), int(voc.get("sampling_rate", 16_000))
+    scale = 2 ** (len(comps.get("vae", {}).get("config", {}).get("block_out_channels", [1] * 3)) - 1)
+    frames = 1024 if sr >= 16_000 else 32 * scale
+    gpt = int(comps.get("language_model", {}).get("config", {}).get("max_new_tokens", 8))
+    c = unet.config
+    ca = c.cross_attention_dim[0] if isinstance(c.cross_attention_dim, (list, tuple)) else c.cross_attention_dim
+    dims = [d for d in ca if d is not None] if isinstance(ca, (list, tuple)) else [ca]  # [GPT-2 width, T5 width]
+    gpt_dim, t5_dim = dims[0], dims[-1]
+    inputs = {"sample": meta_tensor(rows, c.in_channels, frames // scale, mel // scale, dtype=dtype),
+              "timestep": torch.zeros(rows, device="meta", dtype=torch.long),
+              "encoder_hidden_states": meta_tensor(rows, gpt, gpt_dim, dtype=dtype),
+              "encoder_hidden_states_1": meta_tensor(rows, text_length, t5_dim, dtype=dtype),
+              "encoder_attention_mask_1": torch.ones(rows, text_length, device="meta", dtype=torch.long)}
+    return inputs, f"{rows} rows × {frames} mel frames ({frames // scale}×{mel // scale} latents, {c.in_channels} ch)"
