@@ -236,6 +236,8 @@ def _plan_diffusion(cfg, p: Plan, online: bool, device: str, spec: dict | None =
             flops += flops / (2 if pc.lora is not None else 3)
         if cfg.objective.name == "di_star":
             p.notes.append("DI*: generator-phase activations through teacher, fake score, VAE and reward not traced")
+        elif cfg.objective.name == "r0":
+            p.notes.append("R0: the reward's backward through the VAE decoder and reward model is not traced")
     elif main == "unet" and comps[main]["class"] == "AudioLDM2UNet2DConditionModel":
         inputs, p.shape = audioldm2_inputs(spec, trainable_mod, rows, dtype)
         act, flops, attn = trace_step(trainable_mod, inputs, lambda out: out.sample.float().pow(2).mean()
