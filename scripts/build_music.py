@@ -23,6 +23,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,11 +40,12 @@ REPORT = MUSIC_ASSETS / "build_report.json"
 def _update_report(**items) -> dict:
     from filelock import FileLock
 
-    with FileLock(str(REPORT) + ".lock"):  # stages may run in two processes (--jobs 2)
+    # stages may run in two processes (--jobs 2); the lock file lives in the temp folder, not among the assets
+    # (deleting a lock file another process may hold would break the lock)
+    with FileLock(str(Path(tempfile.gettempdir()) / "genalign-build-music-report.lock")):
         report = json.loads(REPORT.read_text()) if REPORT.exists() else {}
         report.update(items)
         REPORT.write_text(json.dumps(report, indent=2, sort_keys=True))
-    Path(str(REPORT) + ".lock").unlink(missing_ok=True)
     return report
 
 

@@ -12,6 +12,7 @@ side), shifted so position t scores completion token t; masks are bool. All loss
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -53,7 +54,7 @@ class LMLossOutput:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-class TokenForward:
+class TokenForward(ABC):
     """What the TRL trainer computed (lazily) for one ``[chosen; rejected]`` batch; implemented by the trainer.
 
     Attributes:
@@ -64,21 +65,15 @@ class TokenForward:
     mask: torch.Tensor
     inputs: dict[str, Any]
 
+    @abstractmethod
     def token_logps(self) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
-        """``(policy [2B, T], reference [2B, T] or None, precomputed reference sums ([B], [B]) or None)``.
+        """``(policy [2B, T], reference [2B, T] or None, precomputed reference sums ([B], [B]) or None)``
+        (implemented by the TRL trainer's forward, ``genalign.training.lm.trainers``)."""
 
-        Raises:
-            NotImplementedError: this base declares the interface; the TRL trainer passes an implementation.
-        """
-        raise NotImplementedError(f"{type(self).__name__} must implement token_logps (the trainer's view)")
-
+    @abstractmethod
     def token_logps_and_kl(self, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(policy [2B, T], reference [2B, T], KL(π_ref‖π_θ) [B, T] on the chosen half)`` in one chunked pass.
-
-        Raises:
-            NotImplementedError: this base declares the interface; the TRL trainer passes an implementation.
-        """
-        raise NotImplementedError(f"{type(self).__name__} must implement token_logps_and_kl (the trainer's view)")
+        """``(policy [2B, T], reference [2B, T], KL(π_ref‖π_θ) [B, T] on the chosen half)`` in one chunked pass
+        (implemented by the TRL trainer's forward)."""
 
     def field(self, name: str) -> torch.Tensor:
         """A per-token side-information tensor of the batch, shifted like the log-probs: ``[2B, T]``.

@@ -165,6 +165,9 @@ def fit_linear_oobleck(vae, waveforms: torch.Tensor, posterior_std_bias: float =
 
     Raises:
         ValueError: a stage narrower than its samples per frame, or T not a multiple of the hop.
+
+    Source: diffusers ``AutoencoderOobleck`` (the network, unchanged); principal component analysis and ordinary
+    least squares (``torch.linalg.eigh`` / ``lstsq``) — genalign's recipe, not Stable Audio's trained autoencoder.
     """
     from diffusers.models.autoencoders.autoencoder_oobleck import OobleckResidualUnit, Snake1d
 

@@ -240,8 +240,7 @@ def _plan_diffusion(cfg, p: Plan, online: bool, device: str, spec: dict | None =
             p.notes.append("R0: the reward's backward through the VAE decoder and reward model is not traced")
     elif main == "unet" and comps[main]["class"] == "AudioLDM2UNet2DConditionModel":
         inputs, p.shape = audioldm2_inputs(spec, trainable_mod, rows, dtype)
-        act, flops, attn = trace_step(trainable_mod, inputs, lambda out: out.sample.float().pow(2).mean()
-                                      if hasattr(out, "sample") else out[0].float().pow(2).mean(), dtype,
+        act, flops, attn = trace_step(trainable_mod, inputs, lambda out: out.sample.float().pow(2).mean(), dtype,
                                       pc.gradient_checkpointing)
         flops += attn
         mem["activations (traced)"] = float(act)
