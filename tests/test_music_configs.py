@@ -37,18 +37,26 @@ def test_dragon_music_config_on_tiny_overrides(tiny_music, tmp_path):
 
     cfg = load_config(ROOT / "configs" / "dragon_music.yaml", [
         f"pipeline.model={tiny_music / 'model'}", f"data.source.prompts={tiny_music / 'train.txt'}",
-        "objective.rewards=[{name: music_key, kwargs: {tiny: true}}]", f"rewards={TINY_REWARDS}",
+        "objective.rewards=[{name: music_clap, kwargs: {tiny: true}}, {name: music_style, kwargs: {tiny: true}}]",
+        f"rewards={TINY_REWARDS}",
         f"validation.prompts={tiny_music / 'heldout.txt'}", "validation.num_inference_steps=2",
         "objective.num_inference_steps=2", "objective.prompts_per_round=2", "objective.clips_per_prompt=2",
         "objective.steps_per_round=1", "objective.win_rate_samples_per_prompt=1", "train.steps=2", "train.batch_size=2",
         "train.checkpoint_every=2"])
     assert cfg.pipeline.name == "stable_audio" and cfg.objective.name == "dragon"
+    # the shipped recipe's target: the music CLAP score and music_style, two instance terms
+    shipped = load_config(ROOT / "configs" / "dragon_music.yaml")
+    assert [t["name"] for t in shipped.objective.rewards] == ["music_clap", "music_style"]
     s = train(cfg, tmp_path / "run", progress=False)
     om = s["objective_metrics"]
-    assert om["loss"] == "dpo" and len(om["rounds"]) == 2  # instance reward → paired DPO; one round per step
-    t = om["terms"]["music_key"]
-    assert {"before", "after", "win_rate"} <= set(t) and 0.0 <= t["win_rate"] <= 1.0
-    assert 0.0 <= t["before"] <= 1.0 and 0.0 <= t["after"] <= 1.0  # p(prompted key) on the held-out captions
+    assert om["loss"] == "dpo" and len(om["rounds"]) == 2  # instance rewards → paired DPO; one round per step
+    assert set(om["terms"]) == {"music_clap", "music_style"}  # each term scored and compared on its own
+    for t in om["terms"].values():
+        assert {"before", "after", "win_rate", "ci_low", "ci_high"} <= set(t)
+        assert 0.0 <= t["ci_low"] <= t["win_rate"] <= t["ci_high"] <= 1.0
+    assert 0.0 <= om["terms"]["music_style"]["before"] <= 1.0  # p(prompted style) on the held-out captions
+    assert -1.0 <= om["terms"]["music_clap"]["after"] <= 1.0  # a cosine similarity
+    assert all({"reward/music_clap", "reward/music_style"} <= set(r) for r in om["rounds"])
     pipe = StableAudioPipeline.from_pretrained(tmp_path / "run" / "export")  # vanilla Diffusers loads the export
     assert pipe.vae.config.sampling_rate == 4000
     assert (tmp_path / "run" / "report.html").exists()
