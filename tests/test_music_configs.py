@@ -57,9 +57,11 @@ def test_dragon_music_config_on_tiny_overrides(tiny_music, tmp_path):
     assert 0.0 <= om["terms"]["music_style"]["before"] <= 1.0  # p(prompted style) on the held-out captions
     assert -1.0 <= om["terms"]["music_clap"]["after"] <= 1.0  # a cosine similarity
     assert all({"reward/music_clap", "reward/music_style"} <= set(r) for r in om["rounds"])
+    # validation.set_rewards: −FD of the whole validation set to the shipped held-out real-clip statistics
+    assert s["reward_before"]["fad-dataset"] < 0 and s["reward_after"]["fad-dataset"] < 0
     pipe = StableAudioPipeline.from_pretrained(tmp_path / "run" / "export")  # vanilla Diffusers loads the export
     assert pipe.vae.config.sampling_rate == 4000
-    assert (tmp_path / "run" / "report.html").exists()
+    assert "fad-dataset" in (tmp_path / "run" / "report.html").read_text()
 
 
 def test_ddo_music_config_on_tiny_overrides(tiny_music, tmp_path):

@@ -166,6 +166,10 @@ class ValidationConfig(Strict):
     guidance_scale: float = Field(5.0, ge=0, description="CFG scale (1 = off); 5.0 = MaPO's validation value")
     batch_size: Int = Field(16, ge=1)
     seed: Seed = 1234
+    set_rewards: list[RewardItem] = Field(
+        default_factory=list, description="set rewards (fad-dataset, vendi) scored once over all the validation "
+                                          "samples, e.g. FD to held-out real data; shown next to `rewards` in "
+                                          "summary.json (weight / normalize unused)")
 
 
 class ExportConfig(Strict):

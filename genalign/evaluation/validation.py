@@ -46,7 +46,8 @@ def save_sample(path_stem: Path, sample: torch.Tensor, sample_rate: int | None =
 
 @torch.no_grad()
 def evaluate_rewards(objective, rewards, prompts: list[str], vcfg, accelerator=None, save_dir: str | Path | None = None,
-                     on_batch: Callable[[int], None] | None = None) -> dict[str, float]:
+                     on_batch: Callable[[int], None] | None = None,
+                     set_rewards: dict[str, Any] | None = None) -> dict[str, float]:
     """Mean reward per name over ``vcfg.samples_per_prompt`` samples of each held-out prompt.
 
     Args:
@@ -56,9 +57,13 @@ def evaluate_rewards(objective, rewards, prompts: list[str], vcfg, accelerator=N
         accelerator: shards the samples over ranks and reduces the sums; None = one process.
         save_dir: keep every sample and its rewards there (see the module docstring).
         on_batch: called with the number of samples this rank finished in each batch (progress bars).
+        set_rewards: ``{name: set reward}`` (``embed(samples) -> (B, D)``, ``score_embeddings((N, D)) -> ()``,
+            e.g. ``fad-dataset``): each batch is embedded, the embeddings of every rank are gathered and the
+            reward is scored once over all the samples (not averaged over batches, which would change an FD).
 
     Returns:
-        ``{reward name: mean over every sample}``; the same on every rank.
+        ``{reward name: mean over every sample}`` plus ``{set reward name: its value over the whole set}``; the same
+        on every rank.
 
     Raises:
         genalign.rewards.RewardError: a reward failed (named in the message).
@@ -73,6 +78,8 @@ def evaluate_rewards(objective, rewards, prompts: list[str], vcfg, accelerator=N
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     sample_rate = getattr(objective.model, "sample_rate", None)
+    set_rewards = set_rewards or {}
+    embeddings: dict[str, list[torch.Tensor]] = {n: [] for n in set_rewards}
     for i in range(0, len(mine), vcfg.batch_size):
         idx = mine[i:i + vcfg.batch_size]
         gens = [torch.Generator().manual_seed(vcfg.seed + j) for j in idx]
@@ -81,6 +88,9 @@ def evaluate_rewards(objective, rewards, prompts: list[str], vcfg, accelerator=N
         for k, name in enumerate(names):
             sums[k] += comps[name].detach().double().sum().item()
         sums[-1] += len(idx)
+        with torch.no_grad():
+            for name, reward in set_rewards.items():
+                embeddings[name].append(reward.embed(samples.to(objective.model.device)).detach().float().cpu())
         if out is not None:
             for b, j in enumerate(idx):
                 file_name = save_sample(out / f"sample_{j:05d}", samples[b], sample_rate)
@@ -95,7 +105,16 @@ def evaluate_rewards(objective, rewards, prompts: list[str], vcfg, accelerator=N
         tmp.replace(out / f"metadata.rank{rank}.jsonl")
     if accelerator is not None and world > 1:
         sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
-    return {name: float(sums[k] / sums[-1]) for k, name in enumerate(names)}
+    result = {name: float(sums[k] / sums[-1]) for k, name in enumerate(names)}
+    for name, reward in set_rewards.items():
+        local = torch.cat(embeddings[name]) if embeddings[name] else torch.zeros(0)
+        if accelerator is not None and world > 1:
+            from accelerate.utils import gather_object
+
+            local = torch.cat([e for e in gather_object([local]) if e.numel()])
+        with torch.no_grad():
+            result[name] = float(reward.score_embeddings(local.to(objective.model.device)))
+    return result
 
 
 def read_saved_samples(save_dir: str | Path) -> list[dict[str, Any]]:

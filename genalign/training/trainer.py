@@ -55,6 +55,31 @@ def build_rewards(items, device):
         raise ConfigError(f"rewards: {err} (check rewards.N.kwargs against the reward's arguments)") from None
 
 
+def build_set_rewards(items, device) -> dict:
+    """``validation.set_rewards`` as ``{name: reward}`` (a repeated name gets ``#2``, ``#3`` ... suffixes).
+
+    Raises:
+        ConfigError: a member that is not a set reward with ``embed`` / ``score_embeddings``, or a bad kwarg.
+    """
+    from genalign.rewards.composite import build_reward
+
+    out: dict = {}
+    for i, it in enumerate(items):
+        try:
+            reward = build_reward(it.name, dict(it.kwargs), {}, device).eval()
+        except TypeError as err:
+            raise ConfigError(f"validation.set_rewards.{i}: {err} (check its kwargs against the reward's "
+                              "arguments)") from None
+        if getattr(reward, "kind", "instance") != "set" or not hasattr(reward, "score_embeddings"):
+            raise ConfigError(f"validation.set_rewards.{i}: {it.name!r} is not a set reward (fad-dataset, vendi); "
+                              "list per-sample rewards under `rewards`")
+        name, k = it.name, 2
+        while name in out:
+            name, k = f"{it.name}#{k}", k + 1
+        out[name] = reward
+    return out
+
+
 class _StopFlag:
     """Set by SIGTERM/SIGINT: the loop saves a checkpoint at the next step boundary and exits cleanly."""
 
@@ -136,6 +161,7 @@ class DiffusionTrainer:
                                                                       weight_dtype=weight_dtype)
             self.objective = objectives.get(cfg.objective.name)(cfg.objective_params(), self.model)
             self.rewards = build_rewards(cfg.rewards, acc.device)
+            self.set_rewards = build_set_rewards(cfg.validation.set_rewards, acc.device)
 
     def evaluate(self, name: str, save_as: str | None = None, periodic: bool = False) -> dict[str, float]:
         """Held-out mean rewards (:func:`~genalign.evaluation.validation.evaluate_rewards`) with progress;
@@ -147,7 +173,8 @@ class DiffusionTrainer:
         total = -(-len(self.val_prompts) * v.samples_per_prompt // self.acc.num_processes)
         save_dir = self.run_dir / "samples" / save_as if save_as else None
         with self.log.phase(name, total=total, unit="sample") as ph:
-            return evaluate_rewards(self.objective, self.rewards, self.val_prompts, v, self.acc, save_dir, ph.update)
+            return evaluate_rewards(self.objective, self.rewards, self.val_prompts, v, self.acc, save_dir, ph.update,
+                                    set_rewards=self.set_rewards)
 
     def base_reward(self) -> dict[str, float]:
         """Reward of the base model on held-out prompts, cached in the run folder under a fingerprint of what
