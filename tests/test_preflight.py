@@ -2,6 +2,7 @@
 config passes `genalign plan` offline (untraced here; the traced variant is the slow test in test_plan.py)."""
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -100,7 +101,7 @@ def test_cli_train_prints_the_refusal_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_lm_rows_use_the_trainers_own_checks(tmp_path, monkeypatch):
+def test_lm_rows_use_the_trainers_own_checks(tmp_path, monkeypatch, caplog):
     """Some malformed rows: a data line (the trainer skips and counts them). None usable: refused. RRPO rows in the
     official loader's field names (question / answer / pred / media_path) are usable."""
     monkeypatch.setattr(PF, "gpu_memory_gib", lambda: None)
@@ -108,8 +109,18 @@ def test_lm_rows_use_the_trainers_own_checks(tmp_path, monkeypatch):
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text(json.dumps({"prompt": "1+1=", "chosen": "2", "rejected": "3"}) + "\nnot json\n"
                      + json.dumps({"prompt": "x"}) + "\n")
-    p = PF.preflight(api.load_config(treg, ["data.synthetic=null", f"data.train={mixed}"]))
+    with caplog.at_level(logging.WARNING, logger="genalign.data.jsonl"):
+        p = PF.preflight(api.load_config(treg, ["data.synthetic=null", f"data.train={mixed}"]))
     assert any("1 of the first 3 rows usable" in s and "not_json 1" in s for s in p.data), p.data
+    # the counts are the pre-flight's report; the per-row warnings stay the trainer's (logged once, not twice)
+    assert not [r for r in caplog.records if "skipped (" in r.getMessage()]
+    from collections import Counter
+
+    from genalign.data.jsonl import read_checked_jsonl, text_row_problem
+
+    with caplog.at_level(logging.WARNING, logger="genalign.data.jsonl"):
+        read_checked_jsonl(str(mixed), text_row_problem, Counter())
+    assert len([r for r in caplog.records if "skipped (" in r.getMessage()]) == 2
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "x"}) + "\n" + json.dumps({"prompt": "y", "chosen": "a", "rejected": "a"}) + "\n")
     with pytest.raises(PF.PreflightError, match=r"none of the first 2 rows is usable \(identical_chosen_rejected 1, "

@@ -13,12 +13,13 @@ logger = logging.getLogger(__name__)
 
 
 def read_checked_jsonl(path: str, problem: Callable[[Any], str | None], counts: Counter,
-                       max_lines: int | None = None) -> list[dict]:
+                       max_lines: int | None = None, log_skips: bool = True) -> list[dict]:
     """The rows of ``path`` that ``problem(row)`` accepts (returns None; it may normalise the row in place).
 
     Lines that are not JSON count as ``bad_rows/not_json``; rows ``problem`` rejects count as
-    ``bad_rows/<reason>``; each skip is logged with its line number. Blank lines are ignored. ``max_lines``: stop
-    after that many non-blank lines (a pre-flight look at the head of a large file).
+    ``bad_rows/<reason>``; each skip is logged with its line number unless ``log_skips`` is False (the pre-flight
+    look, which reports the counts itself, so the trainer's read does not log every row twice). Blank lines are
+    ignored. ``max_lines``: stop after that many non-blank lines (a pre-flight look at the head of a large file).
 
     Raises:
         ConfigError: the file cannot be read (one line naming it).
@@ -44,7 +45,8 @@ def read_checked_jsonl(path: str, problem: Callable[[Any], str | None], counts: 
                 why = problem(row)
             if why:
                 counts[f"bad_rows/{why}"] += 1
-                logger.warning("%s:%d: skipped (%s)", path, n, why)
+                if log_skips:
+                    logger.warning("%s:%d: skipped (%s)", path, n, why)
                 continue
             rows.append(row)
     return rows

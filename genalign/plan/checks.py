@@ -83,7 +83,7 @@ def check_lm_data(cfg, p: Plan, require: bool = False, rows: int = 16) -> None:
         return
     check = video_row_problem if cfg.pipeline.name == "video_language" else text_row_problem
     skipped: Counter = Counter()
-    usable = read_checked_jsonl(str(path), check, skipped, max_lines=rows)
+    usable = read_checked_jsonl(str(path), check, skipped, max_lines=rows, log_skips=False)  # counted below
     read = len(usable) + sum(skipped.values())
     why = ", ".join(f"{k.removeprefix('bad_rows/')} {v}" for k, v in sorted(skipped.items()))
     p.data.append(f"{path}: {len(usable)} of the first {read} rows usable" + (f"; skipped: {why}" if why else ""))
