@@ -57,3 +57,17 @@ def test_decorator_rejects_a_second_class_under_one_name():
         @reg.register("r")
         class B:
             pass
+
+
+def test_weight_free_rewards_are_declared_by_the_reward_classes():
+    """`genalign plan` counts no network for a reward that declares ``weight_free`` (pixels/samples only); every
+    reward with a network (including ones whose weights resolve another way, like the shipped music classifier)
+    does not declare it."""
+    from genalign.plan.estimate import _weight_free
+    from genalign.registry import rewards
+
+    free = {n for n in rewards.names() if getattr(rewards.get(n), "weight_free", False)}
+    assert free == {"contrast", "ink_mass", "jpeg-compressibility", "jpeg-incompressibility", "canny", "soft_edges",
+                    "vendi"}
+    assert _weight_free("vendi") and not _weight_free("music_key") and not _weight_free("dpt_depth")
+    assert not _weight_free("no-such-reward")  # unknown: not skipped silently (the plan notes it)

@@ -35,9 +35,16 @@ from genalign.plan.checks import check_data_rows, check_lm_data, print_plan, seq
 
 
 
-# Rewards computed from pixels / samples alone: nothing to load, nothing to count.
-WEIGHT_FREE_REWARDS = {"contrast", "ink_mass", "jpeg-compressibility", "jpeg-incompressibility", "canny", "soft_edges",
-                       "vendi"}
+
+
+def _weight_free(name: str) -> bool:
+    """Whether the registered reward ``name`` declares ``weight_free`` (an unknown name is not: it gets a note)."""
+    from genalign.registry import rewards as REWARDS
+
+    try:
+        return bool(getattr(REWARDS.get(name), "weight_free", False))
+    except KeyError:
+        return False
 
 
 class _NotTraced(Exception):
@@ -179,7 +186,7 @@ def _plan_diffusion(cfg, p: Plan, online: bool, device: str, spec: dict | None =
         p.components.append(Component("fake_score", "trainable", None, p.components[0].total, extra_trainable,
                                       "DI* fake score (copy of the generator)"))
     for name in _reward_names(cfg):
-        if name in WEIGHT_FREE_REWARDS:
+        if _weight_free(name):  # computed from the samples alone: nothing to load, nothing to count
             continue
         if name.startswith("fad-"):
             p.notes.append(f"reward {name}: embeds with the VAE frames or its encoder reward (not a separate network)")

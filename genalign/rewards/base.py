@@ -130,7 +130,8 @@ class Reward(nn.Module):
         kind: "instance" (``(B,)`` scores), "group" (relative within a prompt group) or "set" (scalar).
         differentiable: whether ``forward`` is differentiable w.r.t. the samples.
         input_format: short description of the expected input, shown by ``genalign list``.
-        weights: default :class:`WeightEntry` or ``None`` for weight-free rewards.
+        weights: default :class:`WeightEntry` or ``None`` (weight-free, or weights resolved another way).
+        weight_free: computed from the samples alone (no network to load): ``genalign plan`` counts nothing for it.
     """
 
     modality: ClassVar[Modality] = "image"
@@ -138,6 +139,7 @@ class Reward(nn.Module):
     differentiable: ClassVar[bool] = False
     input_format: ClassVar[str] = "images (B, 3, H, W) float in [0, 1]"
     weights: ClassVar[WeightEntry | None] = None
+    weight_free: ClassVar[bool] = False
     registry_name: ClassVar[str] = "reward"
 
     def freeze(self) -> "Reward":

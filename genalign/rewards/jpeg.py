@@ -52,6 +52,7 @@ class _JpegBase(Reward):
     differentiable = False
     input_format = "images (B, 1|3, H, W) float in [0, 1]"
     weights = None
+    weight_free = True
     _sign = 1.0
 
     def __init__(

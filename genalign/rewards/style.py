@@ -39,6 +39,7 @@ class InkMass(Reward):
     differentiable = True
     input_format = "images (B, C, H, W) float in [0, 1], any number of channels"
     weights = None
+    weight_free = True
 
     def __init__(self, device: str | torch.device | None = None, tiny: bool = False, weights: str | None = None):
         super().__init__()
@@ -69,6 +70,7 @@ class Contrast(Reward):
     differentiable = True
     input_format = "images (B, C, H, W) float in [0, 1], any number of channels"
     weights = None
+    weight_free = True
 
     def __init__(self, device: str | torch.device | None = None, eps: float = 1e-12, tiny: bool = False,
                  weights: str | None = None):

@@ -100,6 +100,7 @@ class Vendi(Reward):
     differentiable = True
     input_format = "samples → encoder embeddings (N, D) (or any (N, ...) tensor, flattened per item)"
     weights = None
+    weight_free = True
 
     def __init__(self, q: float | str = 1.0, encoder: str | Callable | nn.Module | None = None,
                  encoder_kwargs: dict | None = None, weights: str | None = None, tiny: bool = False,
