@@ -32,6 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from genalign.data.music import DEMO_PER_STYLE  # noqa: E402
 from genalign.pipelines.music import MUSIC_ASSETS  # noqa: E402
 
 REPORT = MUSIC_ASSETS / "build_report.json"
@@ -217,7 +218,7 @@ def stage_clips(data, args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stages", default="corpus,classifier,clap,base,stats,eval")
-    ap.add_argument("--per-style", type=int, default=40)
+    ap.add_argument("--per-style", type=int, default=DEMO_PER_STYLE)
     ap.add_argument("--cache", default=None, help="cache file for the rendered corpus (reused when present)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--clf-epochs", type=int, default=20)

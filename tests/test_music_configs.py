@@ -87,3 +87,28 @@ def test_ddo_music_config_on_tiny_overrides(tiny_music, tmp_path):
     assert s["num_rows"] == 3
     assert np.isfinite([h["loss"] for h in s["history"]]).all()
     assert (tmp_path / "run" / "ddo" / "fakes_round0.pt").exists()
+
+
+def test_ddo_music_config_reads_the_builtin_split_without_a_folder(tiny_music, tmp_path, monkeypatch):
+    """`data.source.source: music:train` (the shipped recipe's source) goes from the config to DDO's real rows with
+    no folder written beforehand (the corpus render is stubbed by three rendered notes)."""
+    import genalign.data.music as M
+    from genalign.config import load_config
+    from genalign.training.trainer import train
+
+    def three_clips(split, **kw):
+        waves = torch.stack([torch.from_numpy(M.render_notes(np.array([[0.0, 2.0, 60.0 + 2 * i]]), M.SAMPLE_RATE,
+                                                             4.096))[None] for i in range(3)]).float()
+        return M.MusicCorpus(waves, CAPS, torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long),
+                             ["a", "b", "c"], torch.zeros(3, dtype=torch.long), M.SAMPLE_RATE, split)
+
+    monkeypatch.setattr(M, "render_corpus", three_clips)
+    cfg = load_config(ROOT / "configs" / "ddo_music.yaml", [
+        f"pipeline.model={tiny_music / 'model'}", f"rewards={TINY_REWARDS}", "validation.set_rewards=[]",
+        f"validation.prompts={tiny_music / 'heldout.txt'}", "validation.num_inference_steps=2",
+        "objective.num_fakes=3", "objective.fake_num_inference_steps=2", "objective.rounds=1",
+        "objective.sample_batch_size=3", "train.steps=1", "train.batch_size=2", "train.checkpoint_every=1",
+        "export.enabled=false", "train.preflight=false"])
+    assert cfg.data.source.source == "music:train"  # the shipped recipe needs no folder
+    s = train(cfg, tmp_path / "run", progress=False)
+    assert s["num_rows"] == 3

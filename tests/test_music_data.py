@@ -1,5 +1,7 @@
 """The music21 corpus → rendered clips + captions (genalign.data.music): metadata, captions, synthesis, split."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -148,3 +150,50 @@ def test_render_corpus_deterministic_and_split_disjoint():
     for cap, p in zip(h.captions, h.pieces):
         assert cap == M.caption(info[p], template=2)
     assert np.abs(a.waveforms.numpy()).max() <= 0.8 + 1e-6
+
+
+def _tiny_corpus(split="train"):
+    """Three rendered notes as a MusicCorpus (stands in for the minute-long corpus render)."""
+    from genalign.data.music import SAMPLE_RATE, MusicCorpus, render_notes
+
+    waves = torch.stack([torch.from_numpy(render_notes(np.array([[0.0, 2.0, 60.0 + i]]), SAMPLE_RATE, 4.096))[None]
+                         for i in range(3)]).float()
+    caps = [f"a four-voice Bach chorale in {k} major, 4/4, slow" for k in ("C", "D", "E")]
+    return MusicCorpus(waves, caps, torch.tensor([0, 2, 4]), torch.zeros(3, dtype=torch.long),
+                       ["bach/a", "bach/b", "bach/c"], torch.zeros(3, dtype=torch.long), SAMPLE_RATE, split,
+                       skipped={"timeout": 1})
+
+
+def test_music_split_source_resamples_crops_and_names_its_errors(monkeypatch):
+    import sys
+
+    import genalign.data.music as M
+
+    calls = []
+    monkeypatch.setattr(M, "render_corpus", lambda split, **kw: calls.append((split, kw)) or _tiny_corpus(split))
+    d = M.load_music_split("music:train", sample_rate=8_000, channels=2, num_samples=20_000, max_items=2)
+    assert calls == [("train", {"per_style": M.DEMO_PER_STYLE, "clips_per_piece": 3, "progress": True})]
+    assert d.waveforms.shape == (2, 2, 20_000) and d.sample_rate == 8_000  # 16,384 at 4 kHz → 32,768, cropped
+    assert torch.equal(d.waveforms[:, 0], d.waveforms[:, 1])  # mono repeated
+    assert d.prompts[1].endswith("D major, 4/4, slow") and d.skipped == {"timeout": 1}
+    same = M.load_music_split("music:heldout", num_samples=None)  # 4 kHz, mono: the rendered clips unchanged
+    assert torch.equal(same.waveforms, _tiny_corpus().waveforms) and calls[-1][0] == "heldout"
+    with pytest.raises(ValueError, match="music:train and music:heldout"):
+        M.load_music_split("music:all")
+    monkeypatch.setitem(sys.modules, "music21", None)  # not installed
+    with pytest.raises(ImportError, match=r"pip install 'genalign\[music\]'"):
+        M.load_music_split("music:train")
+
+
+def test_plan_checks_the_music_split_source():
+    from genalign.config import load_config
+    from genalign.plan.checks import check_data_rows
+    from genalign.plan.models import Plan
+
+    root = Path(__file__).resolve().parent.parent
+    for src, ok in (("music:train", True), ("music:everything", False)):
+        cfg = load_config(root / "configs" / "ddo_music.yaml", [f"data.source.source={src}"])
+        p = Plan(config="x", model="builtin:music", gpu_memory=1.0, trace=False)
+        check_data_rows(cfg, p, require=True)
+        assert (not p.problems) == ok, p.problems
+        assert ok == any("music:train: built-in" in d for d in p.data)

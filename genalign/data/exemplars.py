@@ -80,7 +80,8 @@ def load_real_samples(model, source, seed: int = 0) -> tuple[torch.Tensor, list[
             else images at ``model.resolution``.
         source: an :class:`~genalign.config.ImagesData` (``source``: ``digits:train``, an image folder with
             ``metadata.jsonl``, a parquet folder / hub id; or for audio a folder / jsonl of ``{"file_name" |
-            "audio", "prompt"}`` rows), with ``max_images`` capping the rows.
+            "audio", "prompt"}`` rows, or ``music:train`` — the built-in demo's real clips,
+            :func:`~genalign.data.music.load_music_split`), with ``max_images`` capping the rows.
         seed: image loader seed (digits split, flips).
 
     Returns:
@@ -91,6 +92,12 @@ def load_real_samples(model, source, seed: int = 0) -> tuple[torch.Tensor, list[
         FileNotFoundError / ValueError: as :func:`~genalign.data.images.load_image_data` /
         :func:`~genalign.data.audio.load_audio_data`.
     """
+    if getattr(model, "family", None) == "audio" and str(source.source).startswith("music:"):
+        from genalign.data.music import load_music_split
+
+        data = load_music_split(source.source, model.sample_rate, channels=model.audio_channels,
+                                num_samples=model.clip_samples, max_items=source.max_images)
+        return data.waveforms, list(data.prompts), dict(data.skipped)
     if getattr(model, "family", None) == "audio":
         data = load_audio_data(source.source, model.sample_rate, channels=model.audio_channels,
                                num_samples=model.clip_samples, max_items=source.max_images)

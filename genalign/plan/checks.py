@@ -40,6 +40,17 @@ def check_data_rows(cfg, p: Plan, rows: int = 16, require: bool = False) -> None
         elif src.kind == "images":
             if src.source.startswith("digits:"):
                 p.data.append(f"images {src.source}: built-in")
+            elif src.source.startswith("music:"):
+                import importlib.util
+
+                if src.source not in ("music:train", "music:heldout"):
+                    p.problems.append(f"data.source {src.source}: the built-in music splits are music:train and "
+                                      "music:heldout")
+                elif importlib.util.find_spec("music21") is None:
+                    p.problems.append(f"data.source {src.source} renders the music21 corpus: pip install "
+                                      "'genalign[music]'")
+                else:
+                    p.data.append(f"audio {src.source}: built-in (rendered from the music21 corpus, about a minute)")
             elif Path(src.source).exists():
                 p.data.append(f"images {src.source}: folder found")
             else:
