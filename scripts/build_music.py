@@ -11,8 +11,9 @@ itself, so a stage run alone reproduces its files bit for bit). Writes into ``ge
 ``builtin:music`` Diffusers folder + its ``build_report.json``), ``heldout_stats_classifier.safetensors`` (Gaussian
 of the classifier features of the held-out real clips, for FAD), ``prompts_train.txt`` / ``prompts_heldout.txt``
 and ``build_report.json`` (every figure: skipped files, accuracies, VAE posterior-noise check, base held-out
-rewards and FAD). The ``clips`` stage writes the train clips as WAV files for ``configs/ddo_music.yaml``
-(``--clips-dir``, default ``runs/music/train_clips``). With ``--jobs 2`` (default) the classifier, CLAP and stats
+rewards and FAD). The ``clips`` stage writes the train clips as WAV files + ``metadata.jsonl`` (``--clips-dir``,
+default ``runs/music/train_clips``) for tools that read folders; ``configs/ddo_music.yaml`` renders the same clips
+itself (``data.source.source: music:train``). With ``--jobs 2`` (default) the classifier, CLAP and stats
 stages run in a second process beside the base (one core each; the rendered corpus is cached with ``--cache``,
 default ``runs/music/corpus.pt``).
 """
