@@ -171,18 +171,20 @@ def test_music_split_source_resamples_crops_and_names_its_errors(monkeypatch):
 
     calls = []
     monkeypatch.setattr(M, "render_corpus", lambda split, **kw: calls.append((split, kw)) or _tiny_corpus(split))
-    d = M.load_music_split("music:train", sample_rate=8_000, channels=2, num_samples=20_000, max_items=2)
+    from genalign.data.audio import load_music_split
+
+    d = load_music_split("music:train", sample_rate=8_000, channels=2, num_samples=20_000, max_items=2)
     assert calls == [("train", {"per_style": M.DEMO_PER_STYLE, "clips_per_piece": 3, "progress": True})]
     assert d.waveforms.shape == (2, 2, 20_000) and d.sample_rate == 8_000  # 16,384 at 4 kHz → 32,768, cropped
     assert torch.equal(d.waveforms[:, 0], d.waveforms[:, 1])  # mono repeated
     assert d.prompts[1].endswith("D major, 4/4, slow") and d.skipped == {"timeout": 1}
-    same = M.load_music_split("music:heldout", num_samples=None)  # 4 kHz, mono: the rendered clips unchanged
+    same = load_music_split("music:heldout", num_samples=None)  # 4 kHz, mono: the rendered clips unchanged
     assert torch.equal(same.waveforms, _tiny_corpus().waveforms) and calls[-1][0] == "heldout"
     with pytest.raises(ValueError, match="music:train and music:heldout"):
-        M.load_music_split("music:all")
+        load_music_split("music:all")
     monkeypatch.setitem(sys.modules, "music21", None)  # not installed
     with pytest.raises(ImportError, match=r"pip install 'genalign\[music\]'"):
-        M.load_music_split("music:train")
+        load_music_split("music:train")
 
 
 def test_plan_checks_the_music_split_source():

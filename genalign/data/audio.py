@@ -287,6 +287,58 @@ def load_audio_data(source: str | Path, sample_rate: int, channels: int = 1, num
     return AudioData(torch.stack(waves), prompts, sample_rate, files, skipped)
 
 
+def load_music_split(spec: str, sample_rate: int = 4_000, channels: int = 1, num_samples: int | None = None,
+                     max_items: int | None = None, progress: bool = True) -> AudioData:
+    """``music:train`` / ``music:heldout``: the built-in demo's rendered clips as captioned audio rows.
+
+    The same clips ``scripts/build_music.py`` trains the shipped base and rewards on
+    (:data:`genalign.data.music.DEMO_PER_STYLE` files per style, 3 clips per rendering, train pieces also
+    transposed once), rendered here in about a minute (with a progress bar), so a recipe can read real music
+    without a folder written beforehand. Held-out pieces never appear in ``music:train``.
+
+    Args:
+        spec: ``"music:train"`` or ``"music:heldout"``.
+        sample_rate: target rate (Hz; the corpus renders at 4 kHz and is resampled). channels: 1 or 2 (mono
+            repeated). num_samples: crop / zero-pad each clip to this length after resampling (None: 16,384 at
+            4 kHz). max_items: keep the first N clips.
+
+    Returns:
+        :class:`AudioData`: waveforms ``(N, C, T)`` in [−1, 1], N captions, ``files`` the
+        corpus paths, ``skipped`` the corpus files that failed to parse or render.
+
+    Raises:
+        ValueError: another split. ImportError: music21 is missing (the message says how to install it).
+    """
+    from genalign.data.music import DEMO_PER_STYLE, render_corpus
+
+    split = spec.split(":", 1)[1] if spec.startswith("music:") else spec
+    if split not in ("train", "heldout"):
+        raise ValueError(f"data source {spec!r}: the built-in music splits are music:train and music:heldout")
+    try:
+        import music21  # noqa: F401
+    except ImportError:
+        raise ImportError(f"data source {spec!r} renders the music21 corpus: pip install 'genalign[music]' "
+                          "(or pip install -e '.[music]' in a checkout)") from None
+    logger.info("%s: rendering the music21 corpus (%d files per style; about a minute on one core)", spec,
+                DEMO_PER_STYLE)
+    corpus = render_corpus(split, per_style=DEMO_PER_STYLE, clips_per_piece=3, progress=progress)
+    if corpus.skipped:
+        logger.warning("%s: skipped corpus files %s", spec, corpus.skipped)
+    x = corpus.waveforms[:max_items] if max_items else corpus.waveforms
+    if sample_rate != corpus.sample_rate:
+        from genalign.rewards.preprocess import resample
+
+        x = resample(x, corpus.sample_rate, sample_rate)
+    if channels == 2:
+        x = x.repeat(1, 2, 1)
+    elif channels != 1:
+        raise ValueError(f"channels must be 1 or 2, got {channels}")
+    if num_samples is not None:
+        x = torch.stack([_fit(w, num_samples) for w in x])
+    return AudioData(x.float().contiguous(), list(corpus.captions[: len(x)]), sample_rate,
+                     list(corpus.pieces[: len(x)]), dict(corpus.skipped))
+
+
 def load_exemplar_folder(folder: str | Path, sample_rate: int = 44_100, channels: int = 1,
                          num_samples: int | None = None, max_items: int | None = None) -> AudioData:
     """Every readable audio file of a folder (sorted by name), e.g. DRAGON's exemplar reference set.
@@ -371,8 +423,8 @@ def synthetic_music_dataset(n: int, sample_rate: int = 8_000, duration: float = 
 
 __all__ = [
     "AUDIO_SUFFIXES", "AudioData", "AudioPreferencePairs", "load_audio_data", "load_audio_preference_pairs",
-    "load_audio_prompts", "load_exemplar_folder", "note_frequency", "read_audio", "save_audio", "synth_clip",
-    "synth_prompt", "synthetic_music_dataset",
+    "load_audio_prompts", "load_exemplar_folder", "load_music_split", "note_frequency", "read_audio", "save_audio",
+    "synth_clip", "synth_prompt", "synthetic_music_dataset",
 ]
 
 

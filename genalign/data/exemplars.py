@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from genalign.data.audio import AUDIO_SUFFIXES, load_audio_data, load_exemplar_folder
+from genalign.data.audio import AUDIO_SUFFIXES, load_audio_data, load_exemplar_folder, load_music_split
 from genalign.data.digits import load_digits_split
 from genalign.data.images import load_image_data
 from genalign.pipelines.base import cond_to, index_cond
@@ -81,7 +81,7 @@ def load_real_samples(model, source, seed: int = 0) -> tuple[torch.Tensor, list[
         source: an :class:`~genalign.config.ImagesData` (``source``: ``digits:train``, an image folder with
             ``metadata.jsonl``, a parquet folder / hub id; or for audio a folder / jsonl of ``{"file_name" |
             "audio", "prompt"}`` rows, or ``music:train`` — the built-in demo's real clips,
-            :func:`~genalign.data.music.load_music_split`), with ``max_images`` capping the rows.
+            :func:`~genalign.data.audio.load_music_split`), with ``max_images`` capping the rows.
         seed: image loader seed (digits split, flips).
 
     Returns:
@@ -93,8 +93,6 @@ def load_real_samples(model, source, seed: int = 0) -> tuple[torch.Tensor, list[
         :func:`~genalign.data.audio.load_audio_data`.
     """
     if getattr(model, "family", None) == "audio" and str(source.source).startswith("music:"):
-        from genalign.data.music import load_music_split
-
         data = load_music_split(source.source, model.sample_rate, channels=model.audio_channels,
                                 num_samples=model.clip_samples, max_items=source.max_images)
         return data.waveforms, list(data.prompts), dict(data.skipped)
