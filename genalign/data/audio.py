@@ -287,6 +287,9 @@ def load_audio_data(source: str | Path, sample_rate: int, channels: int = 1, num
     return AudioData(torch.stack(waves), prompts, sample_rate, files, skipped)
 
 
+MUSIC_SOURCES = ("music:train", "music:heldout")  # the built-in demo's splits (load_music_split)
+
+
 def load_music_split(spec: str, sample_rate: int = 4_000, channels: int = 1, num_samples: int | None = None,
                      max_items: int | None = None, progress: bool = True) -> AudioData:
     """``music:train`` / ``music:heldout``: the built-in demo's rendered clips as captioned audio rows.
@@ -311,9 +314,9 @@ def load_music_split(spec: str, sample_rate: int = 4_000, channels: int = 1, num
     """
     from genalign.data.music import DEMO_PER_STYLE, render_corpus
 
-    split = spec.split(":", 1)[1] if spec.startswith("music:") else spec
-    if split not in ("train", "heldout"):
-        raise ValueError(f"data source {spec!r}: the built-in music splits are music:train and music:heldout")
+    if spec not in MUSIC_SOURCES:
+        raise ValueError(f"data source {spec!r}: the built-in music splits are {' and '.join(MUSIC_SOURCES)}")
+    split = spec.split(":", 1)[1]
     try:
         import music21  # noqa: F401
     except ImportError:
@@ -422,7 +425,7 @@ def synthetic_music_dataset(n: int, sample_rate: int = 8_000, duration: float = 
 
 
 __all__ = [
-    "AUDIO_SUFFIXES", "AudioData", "AudioPreferencePairs", "load_audio_data", "load_audio_preference_pairs",
+    "AUDIO_SUFFIXES", "AudioData", "AudioPreferencePairs", "MUSIC_SOURCES", "load_audio_data", "load_audio_preference_pairs",
     "load_audio_prompts", "load_exemplar_folder", "load_music_split", "note_frequency", "read_audio", "save_audio",
     "synth_clip", "synth_prompt", "synthetic_music_dataset",
 ]

@@ -464,7 +464,7 @@ DEMO_PER_STYLE = 40  # corpus files per style of the shipped demo (scripts/build
 
 
 __all__ = [
-    "CLIP_SECONDS", "DEMO_PER_STYLE", "KEY_NAMES", "MusicCorpus", "PieceInfo", "SAMPLE_RATE", "STYLES", "caption", "caption_words",
-    "cut_clips", "is_heldout", "key_label", "key_name", "list_corpus_paths", "parse_piece", "parse_prompt",
+    "CLIP_SECONDS", "DEMO_PER_STYLE", "KEY_NAMES", "MusicCorpus", "PieceInfo", "SAMPLE_RATE", "STYLES", "caption",
+    "caption_words", "cut_clips", "is_heldout", "key_label", "key_name", "list_corpus_paths", "parse_piece", "parse_prompt",
     "piece_info", "render_corpus", "render_notes", "score_notes", "tempo_word", "transpose_of",
 ]

@@ -84,13 +84,13 @@ def evaluate_rewards(objective, rewards, prompts: list[str], vcfg, accelerator=N
         idx = mine[i:i + vcfg.batch_size]
         gens = [torch.Generator().manual_seed(vcfg.seed + j) for j in idx]
         samples = objective.sample([expanded[j] for j in idx], vcfg, gens)
-        comps = rewards.components(samples.to(objective.model.device), [expanded[j] for j in idx])
+        on_device = samples.to(objective.model.device)
+        comps = rewards.components(on_device, [expanded[j] for j in idx])
         for k, name in enumerate(names):
             sums[k] += comps[name].detach().double().sum().item()
         sums[-1] += len(idx)
-        with torch.no_grad():
-            for name, reward in set_rewards.items():
-                embeddings[name].append(reward.embed(samples.to(objective.model.device)).detach().float().cpu())
+        for name, reward in set_rewards.items():
+            embeddings[name].append(reward.embed(on_device).float().cpu())
         if out is not None:
             for b, j in enumerate(idx):
                 file_name = save_sample(out / f"sample_{j:05d}", samples[b], sample_rate)
@@ -112,8 +112,7 @@ def evaluate_rewards(objective, rewards, prompts: list[str], vcfg, accelerator=N
             from accelerate.utils import gather_object
 
             local = torch.cat([e for e in gather_object([local]) if e.numel()])
-        with torch.no_grad():
-            result[name] = float(reward.score_embeddings(local.to(objective.model.device)))
+        result[name] = float(reward.score_embeddings(local.to(objective.model.device)))
     return result
 
 

@@ -43,9 +43,11 @@ def check_data_rows(cfg, p: Plan, rows: int = 16, require: bool = False) -> None
             elif src.source.startswith("music:"):
                 import importlib.util
 
-                if src.source not in ("music:train", "music:heldout"):
-                    p.problems.append(f"data.source {src.source}: the built-in music splits are music:train and "
-                                      "music:heldout")
+                from genalign.data.audio import MUSIC_SOURCES
+
+                if src.source not in MUSIC_SOURCES:
+                    p.problems.append(f"data.source {src.source}: the built-in music splits are "
+                                      + " and ".join(MUSIC_SOURCES))
                 elif importlib.util.find_spec("music21") is None:
                     p.problems.append(f"data.source {src.source} renders the music21 corpus: pip install "
                                       "'genalign[music]'")

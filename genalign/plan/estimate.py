@@ -34,9 +34,6 @@ from genalign.plan.trace import audioldm2_inputs, diffusion_inputs, dit_inputs, 
 from genalign.plan.checks import check_data_rows, check_lm_data, print_plan, sequence_checks
 
 
-
-
-
 def _weight_free(name: str) -> bool:
     """Whether the registered reward ``name`` declares ``weight_free`` (an unknown name is not: it gets a note)."""
     from genalign.registry import rewards as REWARDS

@@ -283,8 +283,8 @@ class SoftEdges(ConditionReward):
     """
 
     task = "lineart"
-
     weight_free = True
+
     def __init__(self, scale: float = 0.1, device=None):
         super().__init__()
         if scale <= 0:
@@ -320,8 +320,8 @@ class CannyEdges(ConditionReward):
     """
 
     task = "hed"
-
     weight_free = True
+
     def __init__(self, low_threshold: float = 0.1, high_threshold: float = 0.2, soft: bool = False, device=None):
         super().__init__()
         try:

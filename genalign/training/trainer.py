@@ -58,6 +58,10 @@ def build_rewards(items, device):
 def build_set_rewards(items, device) -> dict:
     """``validation.set_rewards`` as ``{name: reward}`` (a repeated name gets ``#2``, ``#3`` ... suffixes).
 
+    Args:
+        items: :class:`~genalign.config.RewardItem` entries (``weight`` / ``normalize`` unused). device: where the
+            rewards' encoders run.
+
     Raises:
         ConfigError: a member that is not a set reward with ``embed`` / ``score_embeddings``, or a bad kwarg.
     """
